@@ -1,0 +1,208 @@
+"""Steering operations: parse them, check them against the run, and apply them to a live trainer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import RevacnnError, SteeringError
+from .channel import Command
+
+if TYPE_CHECKING:
+    from ..trainer.trainer import Trainer
+
+log = logging.getLogger("revacnn.steering")
+
+#: op -> argument names (``indices`` takes the rest of the words)
+OPS: dict[str, tuple[str, ...]] = {
+    "freeze": ("layer",),
+    "unfreeze": ("layer",),
+    "freeze-filters": ("layer", "indices"),
+    "unfreeze-filters": ("layer", "indices"),
+    "add-filters": ("layer", "n"),
+    "delete-filters": ("layer", "indices"),
+    "reinit-filters": ("layer", "indices"),
+    "set-lr": ("lr",),
+    "pause": (),
+    "resume": (),
+    "stop": (),
+}
+
+
+def parse(op: str, words: Sequence[str], *, init: str | None = None) -> Command:
+    """Build a `Command` from CLI words, e.g. ``parse("delete-filters", ["conv2", "3", "5"])``.
+
+    Raises:
+        SteeringError: unknown op or malformed arguments.
+    """
+    if op not in OPS:
+        raise SteeringError(f"Unknown steering op. Received: op={op!r} (expected one of {', '.join(OPS)})")
+    names = OPS[op]
+    args: dict[str, Any] = {}
+    words = list(words)
+    for i, name in enumerate(names):
+        if name == "indices":
+            rest = [w for part in words[i:] for w in str(part).replace(",", " ").split()]
+            if not rest:
+                raise SteeringError(f"{op} needs filter indices. Received: {' '.join(words) or 'nothing'}")
+            try:
+                args["indices"] = [int(w) for w in rest]
+            except ValueError:
+                raise SteeringError(f"{op}: indices must be integers. Received: {' '.join(rest)}") from None
+            break
+        if i >= len(words):
+            raise SteeringError(f"{op} needs {' '.join(n.upper() for n in names)}. Received: {' '.join(words) or 'nothing'}")
+        w = words[i]
+        if name == "n":
+            try:
+                args["n"] = int(w)
+            except ValueError:
+                raise SteeringError(f"{op}: N must be an integer. Received: {w!r}") from None
+        elif name == "lr":
+            try:
+                args["lr"] = float(w)
+            except ValueError:
+                raise SteeringError(f"set-lr: X must be a number. Received: {w!r}") from None
+        else:
+            args[name] = w
+    if "indices" not in names and len(words) > len(names):
+        raise SteeringError(f"{op} takes {len(names)} argument(s). Received: {' '.join(words)}")
+    if init is not None:
+        if op not in ("add-filters",):
+            raise SteeringError(f"--init applies to add-filters only. Received: op={op!r}")
+        args["init"] = init
+    return Command(op=op, args=args)
+
+
+def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
+    """Apply every queued command to ``trainer`` and record an event for each (called between batches)."""
+    if not trainer.commands.pending():
+        return
+    for cmd, cid, error in trainer.commands.pop():
+        if cmd is None:
+            trainer.writer.write_event(
+                event_id=cid, epoch=epoch, batch=batch, kind="malformed", args={}, status="rejected",
+                message=error or "malformed command",
+            )
+            continue
+        try:
+            message = apply(trainer, cmd)
+            status = "applied"
+        except RevacnnError as exc:
+            status, message = "rejected", str(exc)
+        except Exception as exc:  # a bug in an op must not kill training
+            log.exception("steering op %s failed", cmd.op)
+            status, message = "rejected", f"internal error: {type(exc).__name__}: {exc}"
+        trainer.writer.write_event(
+            event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op, args=cmd.args, status=status,
+            message=message, sent_at=cmd.sent_at,
+        )
+
+
+def _layer_names(trainer: Trainer) -> list[str]:
+    return list(trainer.state.uids)
+
+
+def _check_layer(trainer: Trainer, args: dict[str, Any]) -> str:
+    layer = args.get("layer")
+    names = _layer_names(trainer)
+    if not isinstance(layer, str) or layer not in names:
+        raise SteeringError(f"Unknown layer. Received: layer={layer!r} (layers are {', '.join(names)})")
+    return layer
+
+
+def _check_indices(trainer: Trainer, layer: str, args: dict[str, Any]) -> list[int]:
+    idx = args.get("indices")
+    n = len(trainer.state.uids[layer])
+    if not isinstance(idx, list) or not idx or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+        raise SteeringError(f"Received: indices={idx!r} (expected a non-empty list of filter indices)")
+    bad = [i for i in idx if i < 0 or i >= n]
+    if bad:
+        raise SteeringError(
+            f"Filter index out of range. Received: indices={bad} ({layer} has {n} filters: 0..{n - 1})"
+        )
+    if len(set(idx)) != len(idx):
+        raise SteeringError(f"Duplicate filter indices. Received: indices={idx}")
+    return sorted(idx)
+
+
+def apply(trainer: Trainer, cmd: Command) -> str:
+    """Apply one command to a live trainer; return a short message, raise `SteeringError` to reject."""
+    op, args = cmd.op, cmd.args
+    st = trainer.state
+    if op not in OPS:
+        raise SteeringError(f"Unknown steering op. Received: op={op!r} (expected one of {', '.join(OPS)})")
+    if op == "set-lr":
+        lr = args.get("lr")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not np.isfinite(lr) or lr <= 0:
+            raise SteeringError(f"Received: lr={lr!r} (expected a number > 0)")
+        old = trainer.lr
+        trainer.optimizer.learning_rate = float(lr)
+        return f"learning rate {old:g} -> {float(lr):g}"
+    if op == "pause":
+        trainer.paused = True
+        return "paused"
+    if op == "resume":
+        was = trainer.paused
+        trainer.paused = False
+        return "resumed" if was else "was not paused"
+    if op == "stop":
+        trainer.stop_requested = True
+        return "stopping after this batch"
+    layer = _check_layer(trainer, args)
+    if op == "freeze":
+        if layer in st.frozen_layers:
+            return f"{layer} was already frozen"
+        st.frozen_layers.append(layer)
+        trainer.rebuild(carry=True)
+        return f"{layer} frozen"
+    if op == "unfreeze":
+        if layer not in st.frozen_layers:
+            return f"{layer} was not frozen"
+        st.frozen_layers.remove(layer)
+        trainer.rebuild(carry=True)
+        return f"{layer} unfrozen"
+    if op in ("freeze-filters", "unfreeze-filters"):
+        idx = _check_indices(trainer, layer, args)
+        uids = [st.uids[layer][i] for i in idx]
+        cur = set(st.frozen_filters.get(layer, []))
+        cur = cur | set(uids) if op == "freeze-filters" else cur - set(uids)
+        st.frozen_filters[layer] = sorted(cur)
+        if not st.frozen_filters[layer]:
+            del st.frozen_filters[layer]
+        trainer.rebuild(carry=True)
+        verb = "frozen" if op == "freeze-filters" else "unfrozen"
+        return f"{layer} filters {idx} {verb} ({len(cur)} frozen filters in the layer)"
+    from . import surgery
+
+    if op == "add-filters":
+        n = args.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SteeringError(f"Received: n={n!r} (expected an integer >= 1)")
+        init = args.get("init", "zero")
+        if init not in ("zero", "random"):
+            raise SteeringError(f"Received: init={init!r} (expected 'zero' or 'random')")
+        res = surgery.add_filters(trainer.model, trainer.optimizer, layer, n, init=init,
+                                  seed=trainer.config.seed + int(np.asarray(trainer.optimizer.iterations)))
+        trainer.swap(res)
+        return f"{layer}: {n} filters added ({len(st.uids[layer])} now, init={init})"
+    if op == "delete-filters":
+        idx = _check_indices(trainer, layer, args)
+        if len(idx) >= len(st.uids[layer]):
+            raise SteeringError(
+                f"Cannot delete every filter of {layer}. Received: {len(idx)} indices "
+                f"({layer} has {len(st.uids[layer])} filters; at least one must remain)"
+            )
+        res = surgery.delete_filters(trainer.model, trainer.optimizer, layer, idx)
+        trainer.swap(res)
+        return f"{layer}: filters {idx} deleted ({len(st.uids[layer])} left)"
+    if op == "reinit-filters":
+        idx = _check_indices(trainer, layer, args)
+        surgery.reinit_filters(trainer.model, trainer.optimizer, layer, idx,
+                               seed=trainer.config.seed + 7919 * (1 + int(np.asarray(trainer.optimizer.iterations))))
+        trainer.rebuild(carry=True)
+        return f"{layer}: filters {idx} re-initialised"
+    raise SteeringError(f"Unhandled op {op!r}")  # pragma: no cover

@@ -1,0 +1,542 @@
+"""The store object: open a store by path, list sessions and runs, read epoch records, query SQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from ..errors import (
+    EpochNotFoundError,
+    LayerNotFoundError,
+    RunNotFoundError,
+    StoreError,
+    StoreNotFoundError,
+)
+from ._layout import FORMAT_NAME, FORMAT_VERSION, Layout, atomic_write_json
+from ._schema import EVENTS_SCHEMA, PROBES_COLUMNS, RUNS_COLUMNS, SEGMENT_TABLES, SESSIONS_COLUMNS
+from ._tables import committed_epochs, event_files, read_tables, table_files
+from .sql import SQLEngine
+
+if TYPE_CHECKING:
+    import keras
+
+#: A run whose trainer has not written a heartbeat for this long reads as `interrupted`.
+HEARTBEAT_TIMEOUT_S = 30.0
+HOST = socket.gethostname()
+
+
+def open_store(path: str | os.PathLike[str] | None = None, *, mode: str = "a") -> Store:
+    """Open the store at ``path``.
+
+    Args:
+        path: The store's root folder. Defaults to ``$REVACNN_STORE`` or ``./store``.
+        mode: ``"a"`` opens and creates it if missing; ``"r"`` requires it to exist.
+
+    Returns:
+        The `Store`.
+
+    Raises:
+        StoreNotFoundError: ``mode="r"`` and there is no store at ``path``.
+
+    Example:
+        >>> store = revacnn.open_store("store")
+        >>> store.sql("SELECT run_id, status FROM runs")
+    """
+    if path is None:
+        path = os.environ.get("REVACNN_STORE", "store")
+    if mode not in ("a", "r"):
+        raise ValueError(f"Received: mode={mode!r} (expected 'a' or 'r')")
+    return Store(path, create=(mode == "a"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"Corrupt store file {path}: {exc}") from None
+
+
+class Store:
+    """A revacnn store: sessions, runs and their epoch records in one folder.
+
+    Arrays live in Zarr (one group per run and epoch), tables in Parquet segments that
+    DuckDB queries. Any number of processes may read while a trainer writes.
+
+    Example:
+        >>> store = revacnn.open_store("store")
+        >>> run = store.run(store.runs().run_id.iloc[-1])
+        >>> run.epoch(0).layer("conv1").kernel.shape
+        (16, 5, 5, 3)
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root).absolute()
+        self.layout = Layout(self.root)
+        marker = self.layout.marker
+        if not marker.exists():
+            if not create:
+                if self.root.exists() and not any(self.root.iterdir()):
+                    raise StoreNotFoundError(f"The store at {self.root} is empty: record a run first")
+                raise StoreNotFoundError(
+                    f"No revacnn store at {self.root} (pass --store PATH or set REVACNN_STORE)"
+                )
+            if self.root.exists() and not self.root.is_dir():
+                raise StoreError(f"Received: store={str(root)!r}, which is a file (expected a folder)")
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(marker, {"format": FORMAT_NAME, "version": FORMAT_VERSION})
+        else:
+            meta = _read_json(marker)
+            if meta.get("format") != FORMAT_NAME:
+                raise StoreError(f"{marker} is not a revacnn store marker")
+            if int(meta.get("version", 0)) > FORMAT_VERSION:
+                raise StoreError(
+                    f"The store at {self.root} has format version {meta.get('version')}; "
+                    f"this revacnn reads up to {FORMAT_VERSION}: upgrade revacnn"
+                )
+        self._sql = SQLEngine(self)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ sessions and runs
+    def session_ids(self) -> list[str]:
+        """Ids of every session, oldest first."""
+        d = self.layout.sessions_dir
+        if not d.exists():
+            return []
+        return sorted(p.name for p in d.iterdir() if (p / "session.json").exists())
+
+    def run_ids(self) -> list[str]:
+        """Ids of every run, oldest first."""
+        d = self.layout.runs_dir
+        if not d.exists():
+            return []
+        return sorted(p.name for p in d.iterdir() if (p / "run.json").exists())
+
+    def session_info(self, session_id: str) -> dict[str, Any]:
+        """The session's metadata (``session.json``)."""
+        try:
+            return _read_json(self.layout.session_json(session_id))
+        except FileNotFoundError:
+            raise RunNotFoundError(f"No session {session_id!r} in {self.root}") from None
+
+    def sessions(self) -> pd.DataFrame:
+        """The ``sessions`` table as a DataFrame."""
+        rows = []
+        for sid in self.session_ids():
+            try:
+                info = self.session_info(sid)
+            except StoreError:
+                continue
+            rows.append(
+                {
+                    "session_id": sid,
+                    "created_at": pd.Timestamp(info.get("created_at")),
+                    "dataset": info.get("dataset"),
+                    "model": info.get("model"),
+                    "n_probes": int(info.get("n_probes", 0)),
+                    "config": json.dumps(info.get("config", {})),
+                }
+            )
+        df = pd.DataFrame(rows, columns=SESSIONS_COLUMNS)
+        df["created_at"] = pd.to_datetime(df["created_at"], utc=True)
+        df["n_probes"] = df["n_probes"].astype("int64")
+        return df
+
+    def runs(self) -> pd.DataFrame:
+        """The ``runs`` table as a DataFrame (status reads ``interrupted`` for dead trainers)."""
+        rows = []
+        for rid in self.run_ids():
+            try:
+                run = self.run(rid)
+                info = run.info
+            except (StoreError, RunNotFoundError):
+                continue
+            rows.append(
+                {
+                    "run_id": rid,
+                    "session_id": info["session_id"],
+                    "parent_run_id": info.get("parent_run_id"),
+                    "fork_epoch": info.get("fork_epoch"),
+                    "name": info.get("name"),
+                    "status": run.status,
+                    "created_at": pd.Timestamp(info.get("created_at")),
+                    "finished_at": pd.Timestamp(run.status_info.get("finished_at"))
+                    if run.status_info.get("finished_at")
+                    else pd.NaT,
+                    "config": json.dumps(info.get("config", {})),
+                }
+            )
+        df = pd.DataFrame(rows, columns=RUNS_COLUMNS)
+        df["fork_epoch"] = df["fork_epoch"].astype("Int32")
+        for col in ("created_at", "finished_at"):
+            df[col] = pd.to_datetime(df[col], utc=True)
+        for col in ("parent_run_id", "name"):
+            df[col] = df[col].astype("string")
+        return df
+
+    def run(self, run_id: str) -> Run:
+        """The run ``run_id``.
+
+        Raises:
+            RunNotFoundError: there is no such run.
+        """
+        if not isinstance(run_id, str) or not run_id or "/" in run_id or run_id.startswith("."):
+            raise RunNotFoundError(f"Received: run={run_id!r} (expected a run id; see `revacnn runs`)")
+        if not self.layout.run_json(run_id).exists():
+            known = self.run_ids()
+            hint = ", ".join(known[-5:]) if known else "none yet"
+            raise RunNotFoundError(
+                f"No run {run_id!r} in {self.root}. Received: run={run_id!r} (runs: {hint})"
+            )
+        return Run(self, run_id)
+
+    def probes(self, session_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The session's probe images ``(P, H, W, C)`` uint8 and their labels ``(P,)``."""
+        path = self.layout.probes_zarr(session_id)
+        if not path.exists():
+            raise RunNotFoundError(f"No session {session_id!r} in {self.root}")
+        g = zarr.open_group(str(path), mode="r")
+        return np.asarray(g["images"][:]), np.asarray(g["labels"][:])
+
+    def class_names(self, session_id: str) -> list[str]:
+        """Class names of the session's dataset."""
+        return list(self.session_info(session_id).get("class_names", []))
+
+    def _probe_rows(self) -> pd.DataFrame:
+        rows = []
+        for sid in self.session_ids():
+            try:
+                info = self.session_info(sid)
+            except StoreError:
+                continue
+            names = info.get("class_names", [])
+            for i, (label, vidx) in enumerate(
+                zip(info.get("probe_labels", []), info.get("probe_indices", []), strict=False)
+            ):
+                rows.append(
+                    {
+                        "session_id": sid,
+                        "probe": i,
+                        "label": int(label),
+                        "class_name": names[label] if label < len(names) else str(label),
+                        "val_index": int(vidx),
+                    }
+                )
+        df = pd.DataFrame(rows, columns=PROBES_COLUMNS)
+        for col in ("probe", "label", "val_index"):
+            df[col] = df[col].astype("int32")
+        return df
+
+    # ------------------------------------------------------------------ SQL
+    def sql(self, query: str, *, timeout_s: float | None = 10.0) -> pd.DataFrame:
+        """Run one read-only SELECT over the store's tables.
+
+        Tables: sessions, runs, epochs, layers, filters, events, probes, predictions, and the
+        view timeline. Queries cannot read or write files.
+
+        Raises:
+            SQLError: the query is not a single SELECT, touches files, fails or times out.
+
+        Example:
+            >>> store.sql("SELECT epoch, val_accuracy FROM epochs WHERE run_id = 'run-…'")
+        """
+        return self._sql.query(query, timeout_s=timeout_s)
+
+    # ------------------------------------------------------------------ internals used by SQL
+    def _committed(self, run_id: str) -> list[int]:
+        return committed_epochs(self.layout, run_id)
+
+    def _table_files(self, run_id: str, table: str, committed: set[int]) -> list[Path]:
+        return table_files(self.layout, run_id, table, committed)
+
+    def _event_files(self, run_id: str) -> list[Path]:
+        return event_files(self.layout, run_id)
+
+
+class Run:
+    """One training trajectory in a store: its metadata, status and epoch records."""
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.info = _read_json(store.layout.run_json(run_id))
+        self.session_id: str = self.info["session_id"]
+        self.parent_run_id: str | None = self.info.get("parent_run_id")
+        self.fork_epoch: int | None = self.info.get("fork_epoch")
+        self.name: str | None = self.info.get("name")
+        self.config: dict[str, Any] = self.info.get("config", {})
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r}, name={self.name!r}, status={self.status!r})"
+
+    @property
+    def status_info(self) -> dict[str, Any]:
+        """The raw ``status.json`` (status, pid, host, heartbeat_at, finished_at, message)."""
+        try:
+            return _read_json(self.store.layout.status_json(self.run_id))
+        except (FileNotFoundError, StoreError):
+            return {"status": "interrupted"}
+
+    @property
+    def status(self) -> str:
+        """``running``, ``finished``, ``stopped``, ``interrupted`` or ``failed``, checked now."""
+        info = self.status_info
+        status = info.get("status", "interrupted")
+        if status == "running" and not self._trainer_alive(info):
+            return "interrupted"
+        return status
+
+    @staticmethod
+    def _trainer_alive(info: dict[str, Any]) -> bool:
+        pid, host = info.get("pid"), info.get("host")
+        if pid and host == HOST and not _pid_alive(int(pid)):
+            return False
+        beat = info.get("heartbeat_at")
+        if beat is None:
+            return True
+        return time.time() - float(beat) < HEARTBEAT_TIMEOUT_S
+
+    @property
+    def session(self) -> dict[str, Any]:
+        """The session's metadata."""
+        return self.store.session_info(self.session_id)
+
+    @property
+    def parent(self) -> Run | None:
+        """The run this one was forked from, or None for a root run."""
+        return self.store.run(self.parent_run_id) if self.parent_run_id else None
+
+    def epochs(self) -> list[int]:
+        """This run's own committed epochs, ascending (a fork's start at its fork epoch)."""
+        return committed_epochs(self.store.layout, self.run_id)
+
+    def timeline(self) -> list[tuple[int, str]]:
+        """``(epoch, source_run_id)`` of the run's full history: ancestors' epochs before the fork."""
+        own = self.epochs()
+        out = [(e, self.run_id) for e in own]
+        if self.parent_run_id is not None and self.fork_epoch is not None:
+            upto = int(self.fork_epoch)
+            inherited = [(e, r) for e, r in self.parent.timeline() if e < upto]
+            out = inherited + out
+        return out
+
+    def last_epoch(self) -> int | None:
+        """The last committed epoch of the run's full history, or None."""
+        tl = self.timeline()
+        return tl[-1][0] if tl else None
+
+    def epoch(self, epoch: int) -> EpochRecord:
+        """The record of ``epoch`` (an ancestor's for a fork's epochs before its fork point).
+
+        Raises:
+            EpochNotFoundError: the epoch is not committed (yet) in this run's history.
+        """
+        for e, source in self.timeline():
+            if e == epoch:
+                return EpochRecord(self.store, source, e)
+        tl = self.timeline()
+        span = f"{tl[0][0]}..{tl[-1][0]}" if tl else "none committed yet"
+        raise EpochNotFoundError(
+            f"Run {self.run_id} has no committed epoch {epoch}. Received: epoch={epoch} "
+            f"(epochs: {span})"
+        )
+
+    def metrics(self) -> pd.DataFrame:
+        """Per-epoch metrics of the full history (the ``timeline`` view for this run)."""
+        return self.store.sql(
+            f"SELECT * FROM timeline WHERE run_id = '{self.run_id}' ORDER BY epoch"
+        )
+
+    def events(self) -> pd.DataFrame:
+        """This run's steering events, oldest first."""
+        t = read_tables(event_files(self.store.layout, self.run_id), EVENTS_SCHEMA)
+        return t.to_pandas().sort_values("at", kind="stable").reset_index(drop=True)
+
+    def table(self, table: str) -> pd.DataFrame:
+        """This run's own committed rows of a segment table (epochs, layers, filters, predictions)."""
+        if table not in SEGMENT_TABLES:
+            raise KeyError(f"Received: table={table!r} (expected one of {', '.join(SEGMENT_TABLES)})")
+        committed = set(self.epochs())
+        files = table_files(self.store.layout, self.run_id, table, committed)
+        return read_tables(files, SEGMENT_TABLES[table]).to_pandas()
+
+    def checkpoint_path(self, epoch: int) -> Path:
+        """Path of the checkpoint of ``epoch`` (resolved to the ancestor that recorded it)."""
+        rec = self.epoch(epoch)
+        return self.store.layout.checkpoint(rec.run_id, epoch)
+
+    def load_model(self, epoch: int | None = None) -> keras.Model:
+        """A `keras.Model` holding the weights of ``epoch`` (default: the last committed one)."""
+        from ..trainer.checkpoint import load_checkpoint, model_from_checkpoint
+
+        if epoch is None:
+            epoch = self.last_epoch()
+            if epoch is None:
+                raise EpochNotFoundError(f"Run {self.run_id} has no committed epoch yet")
+        return model_from_checkpoint(load_checkpoint(self.checkpoint_path(epoch)))
+
+
+@dataclass
+class LayerRecord:
+    """One conv (or dense) layer of an epoch record; arrays are read lazily from Zarr.
+
+    Attributes:
+        kernel: ``(F, kh, kw, c_in)`` filter-major (dense: ``(units, in)``).
+        bias: ``(F,)``.
+        activations: ``(P, F, H, W)`` post-activation outputs for the probes (conv only).
+        grad_l1: ``(F,)`` gradient L1 summed over the epoch's batches.
+        embedding: ``(F, 2)`` t-SNE position of each filter (NaN where it failed).
+        filter_uids: ``(F,)`` stable filter identities.
+    """
+
+    group: Any
+    name: str
+    epoch: int
+    run_id: str
+
+    def _get(self, key: str) -> np.ndarray:
+        try:
+            return np.asarray(self.group[key][:])
+        except KeyError:
+            raise KeyError(
+                f"Layer {self.name} of run {self.run_id} epoch {self.epoch} has no array {key!r}"
+            ) from None
+
+    def has(self, key: str) -> bool:
+        return key in self.group
+
+    @cached_property
+    def kind(self) -> str:
+        return str(self.group.attrs.get("kind", "conv"))
+
+    @cached_property
+    def kernel(self) -> np.ndarray:
+        return self._get("kernel")
+
+    @cached_property
+    def bias(self) -> np.ndarray:
+        return self._get("bias")
+
+    @cached_property
+    def activations(self) -> np.ndarray:
+        return self._get("activations")
+
+    @cached_property
+    def grad_l1(self) -> np.ndarray:
+        return self._get("grad_l1")
+
+    @cached_property
+    def weight_change_l1(self) -> np.ndarray:
+        return self._get("weight_change_l1")
+
+    @cached_property
+    def act_mean(self) -> np.ndarray:
+        return self._get("act_mean")
+
+    @cached_property
+    def embedding(self) -> np.ndarray:
+        return self._get("embedding")
+
+    @cached_property
+    def layer_embedding(self) -> np.ndarray:
+        return self._get("layer_embedding")
+
+    @cached_property
+    def filter_uids(self) -> np.ndarray:
+        return self._get("filter_uids")
+
+    @cached_property
+    def frozen(self) -> np.ndarray:
+        """``(F,)`` bool: which filters were frozen (all True when the layer is frozen)."""
+        return self._get("frozen").astype(bool)
+
+    @property
+    def n_filters(self) -> int:
+        return int(self.group["filter_uids"].shape[0])
+
+
+class EpochRecord:
+    """The full recorded state of one run after one epoch (epoch 0: initialisation)."""
+
+    def __init__(self, store: Store, run_id: str, epoch: int) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.epoch = epoch
+        path = store.layout.epoch_arrays(run_id, epoch)
+        try:
+            self._group = zarr.open_group(str(path), mode="r")
+            self.layer_names: list[str] = list(self._group.attrs["layers"])
+        except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
+            raise StoreError(
+                f"The arrays of run {run_id} epoch {epoch} are missing or corrupt ({path}): {exc}"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"EpochRecord(run_id={self.run_id!r}, epoch={self.epoch})"
+
+    @property
+    def conv_layers(self) -> list[str]:
+        """Names of the conv layers, in model order."""
+        return [n for n in self.layer_names if self._group[n].attrs.get("kind") == "conv"]
+
+    def layer(self, name: str) -> LayerRecord:
+        """The record of layer ``name``.
+
+        Raises:
+            LayerNotFoundError: the epoch has no such layer.
+        """
+        if name not in self.layer_names:
+            raise LayerNotFoundError(
+                f"Received: layer={name!r} (layers are {', '.join(self.layer_names)})"
+            )
+        return LayerRecord(self._group[name], name, self.epoch, self.run_id)
+
+    def __iter__(self) -> Iterator[LayerRecord]:
+        return (self.layer(n) for n in self.layer_names)
+
+    @cached_property
+    def probabilities(self) -> np.ndarray:
+        """``(P, classes)`` predicted class probabilities of the probes."""
+        return np.asarray(self._group["predictions"][:])
+
+    @cached_property
+    def metrics(self) -> dict[str, Any]:
+        """The epoch's metrics (loss, accuracy, val_loss, val_accuracy, lr, duration_s …)."""
+        return dict(self._group.attrs.get("metrics", {}))
+
+
+def _ts(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, timezone.utc) if value is not None else None

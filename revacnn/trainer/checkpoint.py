@@ -1,0 +1,135 @@
+"""Checkpoints: every model and optimizer variable, seed states and trainer state, in one .npz."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from ..errors import StoreError
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, in memory.
+
+    Attributes:
+        model_config: ``keras.saving.serialize_keras_object(model)``.
+        model_vars: values of ``model.variables`` in order (includes Dropout seed-generator states).
+        model_paths: the variables' paths, to check the order on restore.
+        optimizer_config: ``keras.optimizers.serialize(optimizer)``.
+        optimizer_vars: values of ``optimizer.variables`` in order (iterations, slots …).
+        state: the trainer's own state (epoch, filter uids, frozen sets, lr, timing …).
+    """
+
+    model_config: dict[str, Any]
+    model_vars: list[np.ndarray]
+    model_paths: list[str]
+    optimizer_config: dict[str, Any]
+    optimizer_vars: list[np.ndarray]
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def capture(model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict[str, Any]) -> Checkpoint:
+    """Copy the current model and optimizer state into a `Checkpoint` (cheap: small numpy copies)."""
+    return Checkpoint(
+        model_config=keras.saving.serialize_keras_object(model),
+        model_vars=[np.array(v.numpy()) for v in model.variables],
+        model_paths=[v.path for v in model.variables],
+        optimizer_config=keras.optimizers.serialize(optimizer),
+        optimizer_vars=[np.array(v.numpy()) for v in optimizer.variables],
+        state=json.loads(json.dumps(state, default=_jsonable)),
+    )
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_arrays(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """The `Checkpoint` as named arrays for ``np.savez``."""
+    meta = {
+        "model_config": ckpt.model_config,
+        "model_paths": ckpt.model_paths,
+        "optimizer_config": ckpt.optimizer_config,
+        "n_model": len(ckpt.model_vars),
+        "n_optimizer": len(ckpt.optimizer_vars),
+        "state": ckpt.state,
+    }
+    out: dict[str, np.ndarray] = {"__meta__": np.array(json.dumps(meta, default=_jsonable))}
+    for i, v in enumerate(ckpt.model_vars):
+        out[f"model_{i:04d}"] = v
+    for i, v in enumerate(ckpt.optimizer_vars):
+        out[f"opt_{i:04d}"] = v
+    return out
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file.
+
+    Raises:
+        StoreError: the file is missing or corrupt.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            model_vars = [z[f"model_{i:04d}"] for i in range(meta["n_model"])]
+            opt_vars = [z[f"opt_{i:04d}"] for i in range(meta["n_optimizer"])]
+    except FileNotFoundError:
+        raise StoreError(f"Checkpoint {path} is missing") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise StoreError(f"Checkpoint {path} is corrupt: {exc}") from None
+    return Checkpoint(
+        model_config=meta["model_config"],
+        model_vars=model_vars,
+        model_paths=meta["model_paths"],
+        optimizer_config=meta["optimizer_config"],
+        optimizer_vars=opt_vars,
+        state=meta["state"],
+    )
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> keras.Model:
+    """Rebuild the model of a checkpoint and load its variables (checked by count and shape)."""
+    model = keras.saving.deserialize_keras_object(ckpt.model_config)
+    assign_model(model, ckpt)
+    return model
+
+
+def assign_model(model: keras.Model, ckpt: Checkpoint) -> None:
+    """Load the checkpoint's variable values into ``model``."""
+    variables = model.variables
+    if len(variables) != len(ckpt.model_vars):
+        raise StoreError(
+            f"Checkpoint holds {len(ckpt.model_vars)} model variables, the model has {len(variables)}"
+        )
+    for v, value in zip(variables, ckpt.model_vars, strict=True):
+        if tuple(v.shape) != tuple(value.shape):
+            raise StoreError(f"Checkpoint shape {value.shape} does not match variable {v.path} {v.shape}")
+        v.assign(value)
+
+
+def optimizer_from_checkpoint(ckpt: Checkpoint, model: keras.Model) -> keras.optimizers.Optimizer:
+    """Rebuild the optimizer over all of ``model``'s trainable variables and load its state."""
+    opt = keras.optimizers.deserialize(ckpt.optimizer_config)
+    opt.build(model.trainable_variables)
+    variables = opt.variables
+    if len(variables) != len(ckpt.optimizer_vars):
+        # Keras would only warn and load by position; a mismatch means corrupt state.
+        raise StoreError(
+            f"Checkpoint holds {len(ckpt.optimizer_vars)} optimizer variables, "
+            f"the rebuilt optimizer has {len(variables)}"
+        )
+    for v, value in zip(variables, ckpt.optimizer_vars, strict=True):
+        if tuple(v.shape) != tuple(value.shape):
+            raise StoreError(f"Checkpoint optimizer shape {value.shape} does not match {v.path} {v.shape}")
+        v.assign(value)
+    return opt

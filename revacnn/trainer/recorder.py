@@ -1,0 +1,331 @@
+"""The recording worker: derives measures and embeddings from epoch snapshots and writes them, off the hot path."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..storage import RunWriter
+from .checkpoint import Checkpoint, to_arrays
+
+log = logging.getLogger("revacnn.recorder")
+
+
+@dataclass
+class LayerSnapshot:
+    """One weighted layer at the end of an epoch, as copied from the model (numpy)."""
+
+    name: str
+    kind: str  # conv | dense
+    index: int
+    kernel: np.ndarray  # Keras layout: (kh, kw, c_in, F) or (in, units)
+    bias: np.ndarray | None
+    grad_l1: np.ndarray  # (F,)
+    uids: np.ndarray  # (F,) int64
+    frozen_mask: np.ndarray  # (F,) bool, True where the filter (or whole layer) is frozen
+    layer_frozen: bool
+    activations: np.ndarray | None = None  # (P, H, W, F) float32, conv only
+    rgb_input: bool = False
+
+
+@dataclass
+class EpochSnapshot:
+    """Everything the worker needs to write one epoch record."""
+
+    epoch: int
+    metrics: dict[str, Any]
+    layers: list[LayerSnapshot]
+    probabilities: np.ndarray  # (P, classes)
+    probe_labels: np.ndarray
+    checkpoint: Checkpoint | None
+    parents: dict[str, dict[int, int]] = field(default_factory=dict)  # layer -> new uid -> parent uid
+
+
+class Recorder:
+    """Writes epoch records in a background thread, in order.
+
+    Training hands over a snapshot (numpy copies) and goes on; the worker computes weight
+    norms and changes, pattern measures and t-SNE embeddings, writes the arrays, the table rows,
+    the checkpoint, and commits the epoch last. A failing embedding is logged and recorded as
+    NaN; a failing write is logged and that epoch stays uncommitted; neither stops training.
+    """
+
+    def __init__(
+        self,
+        writer: RunWriter,
+        *,
+        embeddings: bool = True,
+        embedding_features: str = "weights",
+        tracker_state: dict[str, Any] | None = None,
+        prev_kernels: dict[str, dict[int, np.ndarray]] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.writer = writer
+        self.embeddings = embeddings
+        self.embedding_features = embedding_features
+        self.tracker = None
+        if embeddings:
+            try:
+                from ..analysis import EmbeddingTracker
+
+                self.tracker = EmbeddingTracker(seed=seed)
+                if tracker_state:
+                    self.tracker.load_state_dict(tracker_state)
+            except Exception:  # analysis unavailable: record without embeddings
+                log.exception("embeddings disabled")
+                self.tracker = None
+        self._prev: dict[str, dict[int, np.ndarray]] = prev_kernels or {}
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self.errors: list[str] = []
+        self.committed: list[int] = []
+        self.last_commit_at: float | None = None
+        self._thread = threading.Thread(target=self._loop, name="revacnn-recorder", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    def submit(self, snap: EpochSnapshot) -> None:
+        self._queue.put(("epoch", snap))
+
+    def call(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on the worker, in order with the epoch writes (e.g. a live snapshot)."""
+        self._queue.put(("call", (fn, args)))
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def tracker_state(self) -> dict[str, Any] | None:
+        return self.tracker.state_dict() if self.tracker is not None else None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every queued write, then stop the worker."""
+        self._queue.put(("stop", None))
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while True:
+            kind, item = self._queue.get()
+            if kind == "stop":
+                return
+            try:
+                if kind == "epoch":
+                    self._write_epoch(item)
+                else:
+                    fn, args = item
+                    fn(*args)
+            except Exception as exc:  # never kill training
+                msg = f"{kind} failed: {type(exc).__name__}: {exc}"
+                log.exception(msg)
+                self.errors.append(msg)
+
+    def _write_epoch(self, snap: EpochSnapshot) -> None:
+        from .. import analysis
+
+        epoch = snap.epoch
+        arrays: dict[str, dict[str, Any]] = {}
+        layer_rows: list[dict[str, Any]] = []
+        filter_rows: dict[str, list[Any]] = {k: [] for k in _FILTER_COLS}
+        conv_sigs: list[tuple[str, np.ndarray, np.ndarray]] = []
+        embeddings: dict[str, np.ndarray] = {}
+        for L in snap.layers:
+            F = len(L.uids)
+            if L.kind == "conv":
+                k = np.moveaxis(L.kernel, -1, 0)  # (F, kh, kw, c_in)
+            else:
+                k = L.kernel.T  # (units, in)
+            flat = k.reshape(F, -1)
+            if L.bias is not None:
+                flat_b = np.concatenate([flat, L.bias[:, None]], axis=1)
+            else:
+                flat_b = flat
+            weight_l2 = np.sqrt((flat_b.astype(np.float64) ** 2).sum(axis=1))
+            prev = self._prev.get(L.name, {})
+            change = np.zeros(F, dtype=np.float64)
+            for i, uid in enumerate(L.uids.tolist()):
+                p = prev.get(uid)
+                if p is not None and p.shape == flat_b[i].shape:
+                    change[i] = np.abs(flat_b[i].astype(np.float64) - p).sum()
+            self._prev[L.name] = {
+                int(u): flat_b[i].astype(np.float64) for i, u in enumerate(L.uids.tolist())
+            }
+            row: dict[str, Any] = {
+                "run_id": self.writer.run_id,
+                "epoch": epoch,
+                "layer": L.name,
+                "kind": L.kind,
+                "n_filters": F,
+                "frozen": bool(L.layer_frozen),
+                "n_frozen_filters": int(L.frozen_mask.sum()),
+                "grad_l1": float(L.grad_l1.sum()),
+                "weight_l2": float(np.sqrt((weight_l2**2).sum())),
+                "layer_index": L.index,
+                "weight_change_l1": float(change.sum()),
+                "n_params": int(flat_b.size),
+            }
+            entry: dict[str, Any] = {
+                "bias": L.bias if L.bias is not None else np.zeros(F, np.float32),
+                "grad_l1": L.grad_l1.astype(np.float32),
+                "weight_change_l1": change.astype(np.float32),
+                "weight_l2": weight_l2.astype(np.float32),
+                "filter_uids": L.uids.astype(np.int64),
+                "frozen": L.frozen_mask.astype(np.uint8),
+                "_attrs": {"kind": L.kind, "index": L.index, "frozen": bool(L.layer_frozen)},
+            }
+            if L.kind == "conv":
+                entry["kernel"] = k.astype(np.float32)
+                acts = np.moveaxis(L.activations, -1, 1) if L.activations is not None else None  # (P,F,H,W)
+                act_mean = acts.mean(axis=(0, 2, 3)) if acts is not None else np.full(F, np.nan)
+                act_max = acts.max(axis=(0, 2, 3)) if acts is not None else np.full(F, np.nan)
+                if acts is not None:
+                    entry["activations"] = acts.astype(np.float16)
+                entry["act_mean"] = act_mean.astype(np.float32)
+                row["act_mean"] = float(np.mean(act_mean))
+                row["cluster_score"] = _safe(lambda: analysis.cluster_score(flat))  # noqa: B023
+                shares = dom = None
+                if L.rgb_input and k.shape[-1] == 3:
+                    shares = analysis.rgb_shares(k)
+                    dom = analysis.dominant_channel(shares)
+                    row["rgb_mono_fraction"] = float(np.mean(dom >= 0))
+                emb = np.full((F, 2), np.nan, np.float32)
+                if self.tracker is not None:
+                    try:
+                        feats = analysis.filter_features(
+                            self.embedding_features, kernel=k, activations=acts, grad=None
+                        ) if self.embedding_features != "gradients" else L.grad_l1[:, None]
+                        emb = self.tracker.embed(
+                            L.name, L.uids, np.asarray(feats, np.float64), parents=snap.parents.get(L.name)
+                        ).astype(np.float32)
+                    except Exception as exc:
+                        log.warning("embedding of %s epoch %d failed: %s", L.name, epoch, exc)
+                        self.errors.append(f"embedding {L.name} epoch {epoch}: {exc}")
+                embeddings[L.name] = emb
+                entry["embedding"] = emb
+                if acts is not None:
+                    conv_sigs.append((L.name, L.uids, analysis.activation_signature(acts)))
+                for i in range(F):
+                    filter_rows["layer"].append(L.name)
+                    filter_rows["filter"].append(i)
+                    filter_rows["filter_uid"].append(int(L.uids[i]))
+                    filter_rows["frozen"].append(bool(L.frozen_mask[i]))
+                    filter_rows["grad_l1"].append(float(L.grad_l1[i]))
+                    filter_rows["weight_l2"].append(float(weight_l2[i]))
+                    filter_rows["weight_change_l1"].append(float(change[i]))
+                    filter_rows["act_mean"].append(float(act_mean[i]))
+                    filter_rows["act_max"].append(float(act_max[i]))
+                    filter_rows["tsne_x"].append(_nan_none(emb[i, 0]))
+                    filter_rows["tsne_y"].append(_nan_none(emb[i, 1]))
+                    filter_rows["dominant_channel"].append(None if dom is None else int(dom[i]))
+                    for c, key in enumerate(("share_r", "share_g", "share_b")):
+                        filter_rows[key].append(None if shares is None else float(shares[i, c]))
+            arrays[L.name] = entry
+            layer_rows.append(row)
+
+        # Layer level: every conv filter of every layer in one embedding, from activation signatures.
+        layer_xy: dict[str, np.ndarray] = {}
+        if self.tracker is not None and conv_sigs:
+            try:
+                keys = np.concatenate([[_global_uid(i, u) for u in uids] for i, (_, uids, _) in enumerate(conv_sigs)])
+                feats = np.concatenate([s for _, _, s in conv_sigs], axis=0)
+                xy = self.tracker.embed("__all__", keys, feats.astype(np.float64)).astype(np.float32)
+                start = 0
+                for name, uids, _ in conv_sigs:
+                    layer_xy[name] = xy[start : start + len(uids)]
+                    start += len(uids)
+            except Exception as exc:
+                log.warning("layer-level embedding epoch %d failed: %s", epoch, exc)
+                self.errors.append(f"layer-level embedding epoch {epoch}: {exc}")
+        lx: list[Any] = []
+        ly: list[Any] = []
+        for L in snap.layers:
+            if L.kind != "conv":
+                continue
+            xy = layer_xy.get(L.name)
+            if xy is None:
+                xy = np.full((len(L.uids), 2), np.nan, np.float32)
+            arrays[L.name]["layer_embedding"] = xy
+            lx.extend(_nan_none(v) for v in xy[:, 0])
+            ly.extend(_nan_none(v) for v in xy[:, 1])
+        filter_rows["layer_tsne_x"] = lx
+        filter_rows["layer_tsne_y"] = ly
+        n_rows = len(filter_rows["layer"])
+        filter_rows["run_id"] = [self.writer.run_id] * n_rows
+        filter_rows["epoch"] = [epoch] * n_rows
+
+        probs = np.asarray(snap.probabilities, np.float32)
+        pred = probs.argmax(axis=1)
+        pred_rows = {
+            "run_id": [self.writer.run_id] * len(pred),
+            "epoch": [epoch] * len(pred),
+            "probe": list(range(len(pred))),
+            "predicted": pred.tolist(),
+            "confidence": probs.max(axis=1).astype(np.float64).tolist(),
+            "label": snap.probe_labels.astype(int).tolist(),
+            "correct": (pred == snap.probe_labels).tolist(),
+        }
+        w = self.writer
+        if snap.checkpoint is not None:
+            snap.checkpoint.state["tracker"] = self.tracker_state()
+            w.write_checkpoint(epoch, to_arrays(snap.checkpoint))
+        w.write_arrays(epoch, arrays, {"metrics": _jsonable(snap.metrics)}, extra={"predictions": probs})
+        w.write_rows("layers", epoch, layer_rows)
+        w.write_rows("filters", epoch, filter_rows)
+        w.write_rows("predictions", epoch, pred_rows)
+        w.commit(epoch, snap.metrics)
+        self.committed.append(epoch)
+        self.last_commit_at = time.time()
+
+
+_FILTER_COLS = (
+    "layer",
+    "filter",
+    "filter_uid",
+    "frozen",
+    "grad_l1",
+    "weight_l2",
+    "weight_change_l1",
+    "act_mean",
+    "act_max",
+    "tsne_x",
+    "tsne_y",
+    "dominant_channel",
+    "share_r",
+    "share_g",
+    "share_b",
+)
+
+
+def _global_uid(layer_index: int, uid: int) -> int:
+    return layer_index * 1_000_000 + int(uid)
+
+
+def _nan_none(v: Any) -> float | None:
+    f = float(v)
+    return None if np.isnan(f) else f
+
+
+def _safe(fn: Any) -> float | None:
+    try:
+        v = float(fn())
+        return None if np.isnan(v) else v
+    except Exception as exc:
+        log.warning("measure failed: %s", exc)
+        return None
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        if hasattr(v, "isoformat"):
+            v = v.isoformat()
+        if isinstance(v, float) and np.isnan(v):
+            v = None
+        out[k] = v
+    return out
