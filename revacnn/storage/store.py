@@ -398,6 +398,38 @@ class Run:
         rec = self.epoch(epoch)
         return self.store.layout.checkpoint(rec.run_id, epoch)
 
+    def fork(self, epoch: int, *, changes: Any = (), epochs: int | None = None, lr: float | None = None,
+             name: str | None = None, progress: bool = False) -> Run:
+        """Branch a new run from ``epoch`` with steering ``changes`` applied there; see `revacnn.trainer.fork`.
+
+        Example:
+            >>> from revacnn.steering import parse
+            >>> child = run.fork(2, changes=[parse("freeze", ["conv1"])])
+        """
+        from ..trainer import fork
+
+        return fork(self.store, self.run_id, epoch, changes=changes, epochs=epochs, lr=lr, name=name,
+                    progress=progress)
+
+    def steer(self, op: str, *args: Any, wait: bool = True, timeout_s: float = 30.0,
+              init: str | None = None) -> dict[str, Any] | None:
+        """Send a steering command to this run's live trainer and (by default) wait for its event.
+
+        Example:
+            >>> run.steer("freeze", "conv1")["status"]
+            'applied'
+        """
+        from ..errors import SteeringError
+        from ..steering import parse, send, wait_for_event
+
+        cmd = parse(op, [str(a) for a in args], init=init)
+        if self.status != "running":
+            raise SteeringError(f"Run {self.run_id} is {self.status}, not running: nothing to steer")
+        send(self.store, self.run_id, cmd)
+        if not wait:
+            return {"event_id": cmd.command_id, "status": "sent"}
+        return wait_for_event(self.store, self.run_id, cmd.command_id, timeout_s=timeout_s)
+
     def load_model(self, epoch: int | None = None) -> keras.Model:
         """A `keras.Model` holding the weights of ``epoch`` (default: the last committed one)."""
         from ..trainer.checkpoint import load_checkpoint, model_from_checkpoint

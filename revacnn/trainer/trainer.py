@@ -391,7 +391,7 @@ class Trainer:
         for layer in weighted_layers(self.model):
             if isinstance(layer, keras.layers.Conv2D):
                 kernels[layer.name] = np.moveaxis(layer.kernel.numpy(), -1, 0)
-        from .live import write_live_snapshot
+        from ..storage.live import write_live_snapshot
 
         meta = {
             "run_id": self.run_id,
