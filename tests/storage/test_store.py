@@ -1,0 +1,167 @@
+"""The store without a trainer: commit protocol, read-only SQL, timeline, bad input and corrupt files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import revacnn
+from revacnn.errors import EpochNotFoundError, RunNotFoundError, SQLError, StoreError, StoreNotFoundError
+from revacnn.storage import RunWriter, create_session
+
+
+def _epoch(w: RunWriter, epoch: int, *, commit: bool = True, val_acc: float = 0.5) -> None:
+    F = 3
+    arrays = {
+        "conv1": {
+            "kernel": np.full((F, 3, 3, 3), epoch, np.float32),
+            "bias": np.zeros(F, np.float32),
+            "filter_uids": np.arange(F),
+            "_attrs": {"kind": "conv"},
+        }
+    }
+    w.write_arrays(epoch, arrays, {"metrics": {}}, extra={"predictions": np.full((2, 3), 1 / 3, np.float32)})
+    w.write_rows("layers", epoch, [{"run_id": w.run_id, "epoch": epoch, "layer": "conv1", "kind": "conv",
+                                    "n_filters": F, "frozen": False, "n_frozen_filters": 0}])
+    w.write_rows("filters", epoch, {"run_id": [w.run_id] * F, "epoch": [epoch] * F, "layer": ["conv1"] * F,
+                                    "filter": list(range(F)), "filter_uid": list(range(F))})
+    if commit:
+        w.commit(epoch, {"loss": 1.0 / (epoch + 1), "val_accuracy": val_acc, "cumulative_time_s": float(epoch)})
+
+
+@pytest.fixture()
+def store(tmp_path):
+    st = revacnn.open_store(tmp_path / "store")
+    sid = create_session(st, dataset="toy", model="toy", probe_images=np.zeros((2, 4, 4, 3), np.uint8),
+                         probe_labels=np.array([0, 1]), probe_indices=[5, 9], class_names=["a", "b", "c"],
+                         config={})
+    root = RunWriter.create(st, session_id=sid, config={"seed": 0}, name="root")
+    for e in range(4):
+        _epoch(root, e)
+    root.set_status("finished")
+    fork = RunWriter.create(st, session_id=sid, config={}, name="fork", parent_run_id=root.run_id, fork_epoch=2)
+    for e in (2, 3, 4):
+        _epoch(fork, e, val_acc=0.9)
+    fork.set_status("finished")
+    st.ids = (sid, root.run_id, fork.run_id)  # type: ignore[attr-defined]
+    return st
+
+
+def test_half_written_epoch_is_invisible(store):
+    sid, root, _ = store.ids
+    w = RunWriter(store, root)
+    _epoch(w, 4, commit=False)  # arrays and rows written, marker missing
+    assert store.run(root).epochs() == [0, 1, 2, 3]
+    assert store.sql(f"SELECT max(epoch) AS m FROM layers WHERE run_id='{root}'").m[0] == 3
+    assert store.sql(f"SELECT count(*) AS n FROM filters WHERE run_id='{root}'").n[0] == 4 * 3
+
+
+def test_timeline_includes_ancestors_before_the_fork_point(store):
+    _, root, fork = store.ids
+    tl = store.sql(f"SELECT epoch, source_run_id, val_accuracy FROM timeline WHERE run_id='{fork}' ORDER BY epoch")
+    assert tl.epoch.tolist() == [0, 1, 2, 3, 4]
+    assert tl.source_run_id.tolist() == [root, root, fork, fork, fork]
+    assert store.run(fork).timeline() == [(0, root), (1, root), (2, fork), (3, fork), (4, fork)]
+    rec = store.run(fork).epoch(1)
+    assert rec.run_id == root and rec.layer("conv1").kernel[0, 0, 0, 0] == 1.0
+    assert store.run(fork).epoch(3).layer("conv1").kernel[0, 0, 0, 0] == 3.0
+
+
+def test_compaction_keeps_every_epoch(store):
+    _, root, _ = store.ids
+    w = RunWriter(store, root)
+    before = store.sql(f"SELECT * FROM filters WHERE run_id='{root}' ORDER BY epoch, filter")
+    w.compact()
+    files = sorted(p.name for p in store.layout.table_dir(root, "filters").iterdir())
+    assert files == ["compact-e00003.parquet"]
+    after = store.sql(f"SELECT * FROM filters WHERE run_id='{root}' ORDER BY epoch, filter")
+    assert before.equals(after)
+    assert store.run(root).epochs() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "query, fragment",
+    [
+        ("SELECT * FROM read_csv('/etc/passwd')", "cannot read or write files"),
+        ("SELECT * FROM read_text('/etc/hostname')", "cannot read or write files"),
+        ("COPY epochs TO '/tmp/x.csv'", "Only SELECT"),
+        ("DROP TABLE epochs", "Only SELECT"),
+        ("SET enable_external_access = true", "Only SELECT"),
+        ("SELECT 1; SELECT 2", "one statement"),
+        ("SELEC 1", "syntax"),
+        ("", "Empty"),
+        ("SELECT * FROM no_such_table", "SQL error"),
+    ],
+)
+def test_user_sql_is_read_only_and_cannot_touch_files(store, query, fragment):
+    with pytest.raises(SQLError, match=fragment) as info:
+        store.sql(query)
+    assert "root:" not in str(info.value)  # no file content leaks
+
+
+def test_sql_time_limit(store):
+    with pytest.raises(SQLError, match="time limit"):
+        store.sql("SELECT count(*) FROM range(1000000000000) a", timeout_s=0.3)
+
+
+def test_tables_and_columns_of_the_contract(store):
+    cols = {
+        "sessions": ["session_id", "created_at", "dataset", "model", "n_probes", "config"],
+        "runs": ["run_id", "session_id", "parent_run_id", "fork_epoch", "name", "status", "created_at",
+                 "finished_at", "config"],
+        "epochs": ["run_id", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "duration_s",
+                   "committed_at"],
+        "layers": ["run_id", "epoch", "layer", "kind", "n_filters", "frozen", "n_frozen_filters", "grad_l1",
+                   "weight_l2", "cluster_score", "rgb_mono_fraction"],
+        "filters": ["run_id", "epoch", "layer", "filter", "filter_uid", "frozen", "grad_l1", "weight_l2",
+                    "weight_change_l1", "act_mean", "tsne_x", "tsne_y", "dominant_channel", "share_r",
+                    "share_g", "share_b"],
+        "events": ["run_id", "event_id", "epoch", "batch", "at", "kind", "args", "status", "message"],
+        "probes": ["session_id", "probe", "label"],
+        "predictions": ["run_id", "epoch", "probe", "predicted", "confidence"],
+        "timeline": ["run_id", "epoch", "source_run_id"],
+    }
+    for table, want in cols.items():
+        got = list(store.sql(f"SELECT * FROM {table} LIMIT 0").columns)
+        assert got[: len(want)] == want or set(want) <= set(got), (table, got)
+    assert store.sql("SELECT probe, label, val_index FROM probes ORDER BY probe").to_dict("list") == {
+        "probe": [0, 1], "label": [0, 1], "val_index": [5, 9]}
+
+
+def test_missing_and_corrupt_store(tmp_path, store):
+    with pytest.raises(StoreNotFoundError, match="No revacnn store"):
+        revacnn.open_store(tmp_path / "nope", mode="r")
+    with pytest.raises(RunNotFoundError, match="run='run-x'"):
+        store.run("run-x")
+    _, root, _ = store.ids
+    with pytest.raises(EpochNotFoundError, match=r"epochs: 0\.\.3"):
+        store.run(root).epoch(9)
+    # a corrupt epoch array: one clear StoreError, other epochs still readable
+    import shutil
+
+    shutil.rmtree(store.layout.epoch_arrays(root, 1))
+    with pytest.raises(StoreError, match="missing or corrupt"):
+        store.run(root).epoch(1)
+    assert store.run(root).epoch(2).layer("conv1").kernel.shape == (3, 3, 3, 3)
+    # a corrupt run.json does not break listing the others
+    (store.layout.run_json(root)).write_text("{not json")
+    assert len(store.runs()) == 1
+
+
+def test_empty_store_queries(tmp_path):
+    st = revacnn.open_store(tmp_path / "empty")
+    assert st.sql("SELECT count(*) AS n FROM filters").n[0] == 0
+    assert st.sql("SELECT count(*) AS n FROM timeline").n[0] == 0
+    assert st.runs().empty and st.sessions().empty
+
+
+def test_interrupted_status_when_the_trainer_is_gone(store):
+    import json
+
+    _, root, _ = store.ids
+    path = store.layout.status_json(root)
+    info = json.loads(path.read_text())
+    info.update(status="running", pid=2**22 + 12345)  # no such process
+    path.write_text(json.dumps(info))
+    assert store.run(root).status == "interrupted"
+    assert store.runs().set_index("run_id").status[root] == "interrupted"

@@ -1,0 +1,139 @@
+"""The recording trainer against references: model weights, a separate GradientTape, row counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import revacnn
+from revacnn.errors import ConfigError, UnsupportedLayerError
+
+from ..conftest import tiny_cnn
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, keras_mod, tiny_data):
+    keras_mod.utils.set_random_seed(1)
+    model = tiny_cnn(keras_mod, dropout=True)
+    (x, y), (xv, yv) = tiny_data
+    store = revacnn.open_store(tmp_path_factory.mktemp("rec") / "store")
+    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=3, batch_size=64, store=store,
+                      probes=8, name="tiny", seed=3, progress=False)
+    return store, run, model
+
+
+def test_recorded_weights_equal_checkpoint_and_trained_model(recorded):
+    store, run, model = recorded
+    assert run.epochs() == [0, 1, 2, 3]
+    for k in run.epochs():
+        rec = run.epoch(k)
+        restored = run.load_model(k)
+        for name in ("conv1", "conv2"):
+            layer = rec.layer(name)
+            kernel = np.moveaxis(layer.kernel, 0, -1)
+            np.testing.assert_array_equal(kernel, restored.get_layer(name).kernel.numpy())
+            np.testing.assert_array_equal(layer.bias, restored.get_layer(name).bias.numpy())
+            if k == 3:
+                np.testing.assert_array_equal(kernel, model.get_layer(name).kernel.numpy())
+                np.testing.assert_array_equal(layer.bias, model.get_layer(name).bias.numpy())
+    # weights actually changed during training
+    assert not np.array_equal(run.epoch(0).layer("conv1").kernel, run.epoch(3).layer("conv1").kernel)
+
+
+def test_row_counts_and_shapes(recorded):
+    store, run, _ = recorded
+    rid = run.run_id
+    n_epochs = 4
+    assert store.sql(f"SELECT count(*) AS n FROM epochs WHERE run_id='{rid}'").n[0] == n_epochs
+    layers = store.sql(f"SELECT layer, count(*) AS n FROM layers WHERE run_id='{rid}' GROUP BY layer ORDER BY layer")
+    assert layers.to_dict("list") == {"layer": ["conv1", "conv2", "dense1"], "n": [n_epochs] * 3}
+    assert store.sql(f"SELECT count(*) AS n FROM filters WHERE run_id='{rid}'").n[0] == n_epochs * (4 + 6)
+    assert store.sql(f"SELECT count(*) AS n FROM predictions WHERE run_id='{rid}'").n[0] == n_epochs * 8
+    e0 = run.epoch(0)
+    assert e0.conv_layers == ["conv1", "conv2"]
+    c1 = e0.layer("conv1")
+    assert c1.kernel.shape == (4, 3, 3, 3)
+    assert c1.activations.shape == (8, 4, 12, 12)
+    assert c1.grad_l1.shape == (4,) and np.all(c1.grad_l1 == 0)  # nothing trained at initialisation
+    assert c1.filter_uids.tolist() == [0, 1, 2, 3]
+    assert c1.embedding.shape == (4, 2)
+    assert e0.probabilities.shape == (8, 4)
+    np.testing.assert_allclose(e0.probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    images, labels = store.probes(run.session_id)
+    assert images.shape == (8, 12, 12, 3) and images.dtype == np.uint8
+    assert len(set(labels.tolist())) == 4  # probes spread over the classes
+    m = store.sql(f"SELECT * FROM epochs WHERE run_id='{rid}' ORDER BY epoch")
+    assert m.loss.isna()[0] and m.loss[1:].notna().all()
+    assert (m.duration_s[1:] > 0).all() and m.val_accuracy.notna().all()
+    assert m.lr.iloc[-1] == pytest.approx(1e-3)
+    assert store.runs().set_index("run_id").status[rid] == "finished"
+
+
+def test_activations_are_post_activation_outputs(recorded, keras_mod):
+    store, run, _ = recorded
+    model = run.load_model(2)
+    images, _ = store.probes(run.session_id)
+    sub = keras_mod.Model(model.inputs, model.get_layer("conv2").output)
+    want = sub(images.astype("float32") / 255.0).numpy()  # (P, H, W, F)
+    got = run.epoch(2).layer("conv2").activations.astype(np.float32)  # (P, F, H, W) float16
+    np.testing.assert_allclose(got, np.moveaxis(want, -1, 1), rtol=2e-3, atol=2e-3)
+    assert got.min() >= 0  # relu
+
+
+def test_grad_l1_equals_separate_gradient_tape(tmp_path, keras_mod, tiny_data):
+    import tensorflow as tf
+
+    keras_mod.utils.set_random_seed(5)
+    model = tiny_cnn(keras_mod)
+    (x, y), (xv, yv) = tiny_data
+    reference = keras_mod.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    store = revacnn.open_store(tmp_path / "s")
+    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=1, batch_size=len(x), store=store,
+                      probes=4, progress=False, embeddings=False)
+    loss_fn = keras_mod.losses.SparseCategoricalCrossentropy()
+    xb = tf.constant(x.astype(np.float32) / 255.0)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, reference(xb, training=True))
+    for name in ("conv1", "conv2", "dense1"):
+        layer = reference.get_layer(name)
+        gk, gb = tape.gradient(loss, [layer.kernel, layer.bias]) if name == "conv1" else (None, None)
+        break
+    grads = tf.GradientTape  # noqa: F841 - keep the name free
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, reference(xb, training=True))
+    variables = [v for n in ("conv1", "conv2", "dense1") for v in (reference.get_layer(n).kernel, reference.get_layer(n).bias)]
+    g = tape.gradient(loss, variables)
+    for i, name in enumerate(("conv1", "conv2", "dense1")):
+        gk, gb = g[2 * i].numpy(), g[2 * i + 1].numpy()
+        want = np.abs(gk).reshape(-1, gk.shape[-1]).sum(axis=0) + np.abs(gb)
+        np.testing.assert_allclose(run.epoch(1).layer(name).grad_l1, want, rtol=1e-4, atol=1e-7)
+        row = store.sql(f"SELECT grad_l1 FROM layers WHERE run_id='{run.run_id}' AND epoch=1 AND layer='{name}'")
+        assert row.grad_l1[0] == pytest.approx(want.sum(), rel=1e-4)
+
+
+def test_unsupported_layer_is_named(keras_mod, tmp_path, tiny_data):
+    L = keras_mod.layers
+    model = keras_mod.Sequential([keras_mod.Input((12, 12, 3)), L.Conv2D(2, 3, name="conv1"),
+                                  L.LSTM(3, name="my_lstm") if False else L.Reshape((10 * 10 * 2,), name="flat_reshape"),
+                                  L.Dense(4, name="out")])
+    (x, y), _ = tiny_data
+    with pytest.raises(UnsupportedLayerError, match="flat_reshape.*Reshape"):
+        revacnn.fit(model, (x, y), epochs=1, store=tmp_path / "s", progress=False)
+
+
+def test_bad_epochs_is_refused(keras_mod, tmp_path, tiny_data):
+    (x, y), _ = tiny_data
+    with pytest.raises(ConfigError, match="epochs=-1"):
+        revacnn.fit(tiny_cnn(keras_mod), (x, y), epochs=-1, store=tmp_path / "s", progress=False)
+
+
+def test_compiled_model_keeps_its_optimizer(keras_mod, tmp_path, tiny_data):
+    model = tiny_cnn(keras_mod)
+    model.compile(optimizer=keras_mod.optimizers.SGD(learning_rate=0.05, momentum=0.5),
+                  loss="sparse_categorical_crossentropy")
+    (x, y), (xv, yv) = tiny_data
+    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=1, store=tmp_path / "s",
+                      progress=False, embeddings=False)
+    assert run.config["optimizer"] == "sgd"
+    assert run.metrics().lr.iloc[-1] == pytest.approx(0.05)
