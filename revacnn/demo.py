@@ -1,0 +1,48 @@
+"""The demo: record a session on the offline `shapes` dataset (a root run and a conv1-frozen fork), then serve the app."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .config import TrainConfig
+from .storage import open_store
+
+DEMO_CONFIG = TrainConfig(
+    dataset="shapes", model="convnetjs", epochs=6, batch_size=64, lr=1e-3, train_size=8000,
+    val_size=1000, probes=16, seed=0, name="demo-root",
+)
+FORK_EPOCH = 2
+
+
+def run_demo(store_path: str, *, epochs: int = 6, serve_app: bool = True, port: int = 5006) -> int:
+    """Record the demo session into ``store_path`` and serve the replay app on 127.0.0.1.
+
+    Example:
+        >>> run_demo("store/demo", serve_app=False)
+    """
+    from .steering import parse
+    from .trainer import fork, train
+
+    store = open_store(store_path)
+    t0 = time.perf_counter()
+    cfg = DEMO_CONFIG.replace(epochs=epochs)
+    print(f"Recording the demo session into {store.root} (shapes, convnetjs, {epochs} epochs) …", flush=True)
+    root = train(cfg, store, on_start=lambda rid: print(f"root run {rid}", flush=True))
+    k = min(FORK_EPOCH, epochs)
+    print(f"Forking {root.run_id} at epoch {k} with conv1 frozen …", flush=True)
+    child = fork(store, root.run_id, k, changes=[parse("freeze", ["conv1"])], name="demo-conv1-frozen",
+                 on_start=lambda rid: print(f"fork run {rid}", flush=True))
+    print(f"Training part took {time.perf_counter() - t0:.0f} s.\n")
+    print("Query it:")
+    print(f"  revacnn runs --store {store_path}")
+    print(f"  revacnn compare --store {store_path} {root.run_id} {child.run_id}")
+    print(f"  revacnn sql --store {store_path} \"SELECT run_id, epoch, val_accuracy, cumulative_time_s "
+          "FROM timeline ORDER BY run_id, epoch\"")
+    if not serve_app:
+        return 0
+    from .ui.serve import serve
+
+    print(f"\nServing the replay app: http://127.0.0.1:{port}/replay  (Ctrl-C to stop)", flush=True)
+    sys.stdout.flush()
+    return serve("replay", store=store_path, port=port, address="127.0.0.1", show=False)
