@@ -8,7 +8,6 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -568,7 +567,3 @@ class EpochRecord:
     def metrics(self) -> dict[str, Any]:
         """The epoch's metrics (loss, accuracy, val_loss, val_accuracy, lr, duration_s …)."""
         return dict(self._group.attrs.get("metrics", {}))
-
-
-def _ts(value: float | None) -> datetime | None:
-    return datetime.fromtimestamp(value, timezone.utc) if value is not None else None

@@ -7,10 +7,10 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec
 
@@ -241,12 +241,9 @@ class RunWriter:
         got = set(self.store._committed(self.run_id))
         if got != committed:  # pragma: no cover - defensive
             raise RuntimeError(f"compaction lost epochs: {sorted(committed - got)}")
-        _ = pq  # keep import for type checkers
 
 
-def _dt(ts: float):
-    from datetime import datetime, timezone
-
+def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, timezone.utc)
 
 

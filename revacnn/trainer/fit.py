@@ -14,7 +14,12 @@ from ..config import TrainConfig
 from ..errors import ConfigError, EpochNotFoundError, RevacnnError
 from ..models import build_model, validate_model
 from ..storage import Run, RunWriter, Store, create_session, open_store
-from .checkpoint import assign_model, load_checkpoint, model_from_checkpoint, optimizer_from_checkpoint
+from .checkpoint import (
+    assign_model,
+    load_checkpoint,
+    model_from_checkpoint,
+    optimizer_from_checkpoint,
+)
 from .trainer import TrainData, Trainer, TrainerState
 
 log = logging.getLogger("revacnn")

@@ -99,7 +99,7 @@ def build_train_step(
             if model.losses:
                 loss = loss + tf.add_n(model.losses)
         grads = tape.gradient(loss, train_vars)
-        for var, gi, _, m in restore:
+        for _var, gi, _, m in restore:
             grads[gi] = tf.where(m, tf.zeros_like(grads[gi]), grads[gi])
         optimizer.apply(grads, train_vars)
         for var, _, saved, m in restore:

@@ -213,8 +213,8 @@ class Trainer:
         loss = 0.0
         hits = 0
         for i in range(0, n, EVAL_BATCH):
-            l, h = self._eval(self._xv[i : i + EVAL_BATCH], self._yv[i : i + EVAL_BATCH])
-            loss += float(l)
+            batch_loss, h = self._eval(self._xv[i : i + EVAL_BATCH], self._yv[i : i + EVAL_BATCH])
+            loss += float(batch_loss)
             hits += int(h)
         return loss / n, hits / n
 

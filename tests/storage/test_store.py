@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 import revacnn
-from revacnn.errors import EpochNotFoundError, RunNotFoundError, SQLError, StoreError, StoreNotFoundError
+from revacnn.errors import (
+    EpochNotFoundError,
+    RunNotFoundError,
+    SQLError,
+    StoreError,
+    StoreNotFoundError,
+)
 from revacnn.storage import RunWriter, create_session
 
 
