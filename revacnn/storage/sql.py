@@ -33,7 +33,7 @@ WITH RECURSIVE chain(run_id, source_run_id, upto, depth) AS (
 )
 SELECT c.run_id, e.epoch, c.source_run_id, c.source_run_id <> c.run_id AS inherited,
        e.loss, e.accuracy, e.val_loss, e.val_accuracy, e.lr, e.duration_s,
-       e.cumulative_time_s, e.step, e.committed_at
+       e.cumulative_time_s, e.n_batches, e.step, e.committed_at
 FROM chain c JOIN epochs e ON e.run_id = c.source_run_id AND e.epoch < c.upto
 """
 

@@ -47,6 +47,10 @@ def _loss_fn(model: keras.Model) -> Any:
     if loss is None:
         return keras.losses.SparseCategoricalCrossentropy()
     fn = keras.losses.get(loss) if isinstance(loss, (str, dict)) else loss
+    if not isinstance(fn, keras.losses.Loss):  # a per-example function: reduce to the batch mean
+        from keras.src.losses.losses import LossFunctionWrapper
+
+        fn = LossFunctionWrapper(fn)
     return fn
 
 

@@ -207,7 +207,10 @@ class Recorder:
                 embeddings[L.name] = emb
                 entry["embedding"] = emb
                 if acts is not None:
-                    conv_sigs.append((L.name, L.uids, analysis.activation_signature(acts)))
+                    sig = analysis.activation_signature(acts)
+                    # per-layer scale, so that layers do not separate by activation magnitude alone
+                    sig = sig / (float(np.abs(sig).max()) + 1e-12)
+                    conv_sigs.append((L.name, L.uids, sig))
                 for i in range(F):
                     filter_rows["layer"].append(L.name)
                     filter_rows["filter"].append(i)

@@ -9,6 +9,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# Steering re-traces the step on purpose (that is how freezing saves time); don't warn about it.
+tf.get_logger().setLevel("ERROR")
+
 
 @dataclass
 class LayerSpec:
