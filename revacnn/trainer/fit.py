@@ -344,8 +344,12 @@ def fork(
             msg = apply(trainer, cmd)
             writer.write_event(event_id=cmd.command_id, epoch=epoch, batch=0, kind=cmd.op, args=cmd.args,
                                status="applied", message=f"fork change: {msg}")
-    except RevacnnError as exc:
-        writer.set_status("failed", str(exc))
+    except RevacnnError:
+        # bad changes: nothing was trained, so leave no empty run behind
+        trainer.recorder.close() if "trainer" in locals() else None
+        import shutil
+
+        shutil.rmtree(store.layout.run_dir(writer.run_id), ignore_errors=True)
         raise
     trainer.run(start_epoch=epoch, epochs=config.epochs, record_start=True)
     return store.run(writer.run_id)

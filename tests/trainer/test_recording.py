@@ -73,7 +73,7 @@ def test_activations_are_post_activation_outputs(recorded, keras_mod):
     store, run, _ = recorded
     model = run.load_model(2)
     images, _ = store.probes(run.session_id)
-    sub = keras_mod.Model(model.inputs, model.get_layer("conv2").output)
+    sub = keras_mod.Model(model.inputs[0], model.get_layer("conv2").output)
     want = sub(images.astype("float32") / 255.0).numpy()  # (P, H, W, F)
     got = run.epoch(2).layer("conv2").activations.astype(np.float32)  # (P, F, H, W) float16
     np.testing.assert_allclose(got, np.moveaxis(want, -1, 1), rtol=2e-3, atol=2e-3)
