@@ -1,0 +1,121 @@
+"""Freezing: epoch time and accuracy of forks with conv1 / conv1+conv2 frozen vs none; steering command latency."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, table  # noqa: E402
+
+VARIANTS = {"none": [], "conv1": ["conv1"], "conv1+conv2": ["conv1", "conv2"]}
+
+
+def freeze_experiment(store, model: str, train_size: int, fork_epoch: int, epochs: int, rounds: int) -> list[dict]:
+    from revacnn.config import TrainConfig
+    from revacnn.steering import parse
+    from revacnn.trainer import fork, train
+
+    cfg = TrainConfig(model=model, epochs=fork_epoch, train_size=train_size, val_size=1000, seed=0,
+                      name=f"{model}-root", embeddings=True)
+    root = train(cfg, store, progress=False)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    acc: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    order = list(VARIANTS)
+    for r in range(rounds):  # A B C, then C B A: side by side, drift cancels
+        for variant in order if r % 2 == 0 else order[::-1]:
+            changes = [parse("freeze", [layer]) for layer in VARIANTS[variant]]
+            child = fork(store, root.run_id, fork_epoch, changes=changes, epochs=fork_epoch + epochs,
+                         name=f"{model}-{variant}-r{r}", progress=False)
+            m = store.sql(f"SELECT epoch, duration_s, val_accuracy FROM epochs WHERE run_id='{child.run_id}' "
+                          f"AND epoch > {fork_epoch} ORDER BY epoch")
+            times[variant].extend(m.duration_s.tolist())
+            acc[variant].append(float(m.val_accuracy.iloc[-1]))
+    base = median(times["none"])
+    return [
+        {"model": model, "frozen": v, "epoch_s": median(times[v]), "ratio": median(times[v]) / base,
+         "final_val_acc": median(acc[v])}
+        for v in VARIANTS
+    ]
+
+
+def command_latency(store, n_commands: int = 12) -> dict:
+    """Send `set-lr` from a thread while training; measure sent → applied in ms and in batches."""
+    import keras
+
+    from revacnn.config import TrainConfig
+    from revacnn.data import load_dataset, select_probes
+    from revacnn.models import build_model
+    from revacnn.steering import parse, send
+    from revacnn.storage import RunWriter, create_session
+    from revacnn.trainer.trainer import TrainData, Trainer
+
+    ds = load_dataset("shapes", train_size=4000, val_size=500, seed=0)
+    cfg = TrainConfig(epochs=3, train_size=4000, val_size=500, embeddings=False)
+    keras.utils.set_random_seed(0)
+    model = build_model("convnetjs", ds.input_shape, ds.num_classes)
+    opt = keras.optimizers.Adam(1e-3)
+    opt.build(model.trainable_variables)
+    pidx = select_probes(ds.y_val, 16)
+    sid = create_session(store, dataset="shapes", model="convnetjs", probe_images=ds.x_val[pidx],
+                         probe_labels=ds.y_val[pidx], probe_indices=pidx, class_names=ds.class_names, config={})
+    writer = RunWriter.create(store, session_id=sid, config=cfg.to_dict(), name="latency")
+    trainer = Trainer(model=model, optimizer=opt, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
+                      data=TrainData(ds.x_train, ds.y_train, ds.x_val, ds.y_val), probe_images=ds.x_val[pidx],
+                      probe_labels=ds.y_val[pidx], writer=writer, config=cfg, progress=False)
+    sent: dict[str, tuple[int, int]] = {}
+
+    def sender() -> None:
+        while not trainer.recorder.committed or getattr(trainer, "epoch_in_progress", 0) < 1:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        for i in range(n_commands):
+            cmd = parse("set-lr", [str(1e-3 * (1 + i % 2))])
+            sent[cmd.command_id] = (trainer.epoch_in_progress, trainer.batch)
+            send(store, writer.run_id, cmd)
+            time.sleep(0.37)
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    trainer.run(start_epoch=0, epochs=cfg.epochs)
+    t.join(5)
+    ev = store.run(writer.run_id).events()
+    nb = trainer.n_batches
+    batches = [
+        (row.epoch * nb + row.batch) - (sent[row.event_id][0] * nb + sent[row.event_id][1])
+        for row in ev.itertuples() if row.event_id in sent
+    ]
+    return {"commands": len(ev), "applied": int((ev.status == "applied").sum()),
+            "median_ms": float(ev.latency_ms.median()), "max_ms": float(ev.latency_ms.max()),
+            "median_batches": median(batches), "max_batches": max(batches) if batches else None}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--train-size", type=int, default=4000)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per fork after the fork point")
+    p.add_argument("--fork-epoch", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--models", default="convnetjs,revacnn")
+    args = p.parse_args(argv)
+    import revacnn
+
+    store = revacnn.open_store(Path(tempfile.mkdtemp(prefix="revacnn-freeze-")) / "store")
+    rows = []
+    for model in args.models.split(","):
+        rows += freeze_experiment(store, model, args.train_size, args.fork_epoch, args.epochs, args.rounds)
+    print(table(rows))
+    lat = command_latency(store)
+    print(table([lat]))
+    out = {"freeze": rows, "latency": lat}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
