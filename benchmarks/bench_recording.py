@@ -85,6 +85,19 @@ def main(argv: list[str] | None = None) -> dict:
                 while trainer.recorder.pending() or (trainer.recorder.committed[-1:] != [epoch]):
                     time.sleep(0.005)
                 t_rec_drained.append(time.perf_counter() - t + t_rec[-2])
+    # the cost of exactness: the same recorded trainer with TF op determinism off, then on again
+    t_det: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(args.rounds):
+        for det in (False, True):
+            (tf.config.experimental.enable_op_determinism if det
+             else tf.config.experimental.disable_op_determinism)()
+            trainer.rebuild(carry=True)
+            epoch += 1
+            trainer._train_epoch(epoch)  # traces the new step
+            epoch += 1
+            t = time.perf_counter()
+            trainer._train_epoch(epoch)
+            t_det[det].append(time.perf_counter() - t)
     trainer.recorder.close()
     writer.set_status("finished")
     run = store.run(writer.run_id)
@@ -103,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bytes_per_epoch_checkpoint": ckpt,
         "bytes_per_epoch_tables": tables,
         "worker_errors": len(trainer.recorder.errors),
+        "determinism_cost_ratio": median(t_det[True]) / median(t_det[False]),
     }
     print(table([res]))
     print(json.dumps(res))
