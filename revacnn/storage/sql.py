@@ -179,12 +179,9 @@ class SQLEngine:
             con.execute(TIMELINE_SQL)
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
-            old, self._con, self._fingerprint = self._con, con, fingerprint
-        if old is not None:
-            try:
-                old.close()
-            except duckdb.Error:
-                pass
+            # The old connection is not closed here: another thread may still be reading from a
+            # cursor of it; it is freed when the last reference goes.
+            self._con, self._fingerprint = con, fingerprint
         return con
 
     def query(self, sql: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> pd.DataFrame:
