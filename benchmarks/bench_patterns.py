@@ -20,7 +20,7 @@ SELECT r.name,
        max(l.rgb_mono_fraction) FILTER (WHERE l.layer = 'conv1' AND l.epoch = (SELECT max(epoch) FROM epochs WHERE run_id = r.run_id))
            AS rgb_mono_fraction
 FROM runs r JOIN epochs e USING (run_id) JOIN layers l ON l.run_id = r.run_id AND l.epoch = e.epoch
-GROUP BY r.name, r.run_id ORDER BY r.created_at
+GROUP BY r.name, r.run_id, r.created_at ORDER BY r.created_at
 """
 
 

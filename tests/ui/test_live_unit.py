@@ -1,0 +1,401 @@
+"""Unit tests of the live app without a browser or TensorFlow: hub, feed, views, steering controls, launcher."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from revacnn.steering.channel import CommandQueue
+from revacnn.storage import RunWriter, create_session, open_store
+from revacnn.storage.live import write_live_snapshot
+from revacnn.ui import launcher
+from revacnn.ui.live import (
+    MULTI_SELECT,
+    FeedState,
+    LiveApp,
+    LiveHub,
+    create_live_app,
+    event_x,
+    network_frame,
+    pca_2d,
+    record_from_snapshot,
+    steering_permission,
+)
+from revacnn.ui.views.steering import SteeringControls, format_indices, parse_indices
+
+LAYERS = {"conv1": (4, 3, 3, 3), "conv2": (6, 3, 3, 4)}
+
+
+def _fake_run(root: Path, *, epochs: int = 1) -> tuple[object, RunWriter]:
+    """A store with one run recorded by hand: ``epochs`` epoch records and a live snapshot."""
+    store = open_store(root)
+    rng = np.random.default_rng(0)
+    sid = create_session(store, dataset="shapes", model="tiny", probe_images=rng.integers(0, 255, (2, 8, 8, 3)),
+                         probe_labels=np.array([0, 1]), probe_indices=[0, 1], class_names=["a", "b"],
+                         config={})
+    w = RunWriter.create(store, session_id=sid, config={"epochs": 5, "model": "tiny"}, name="fake")
+    for e in range(epochs):
+        _commit(w, e, rng)
+    _snapshot(w, epoch=epochs, batch=3)
+    return store, w
+
+
+def _commit(w: RunWriter, epoch: int, rng: np.random.Generator, *, frozen: tuple[str, ...] = ()) -> None:
+    arrays = {}
+    rows = []
+    for name, (f, kh, kw, c) in LAYERS.items():
+        arrays[name] = {
+            "kernel": rng.normal(size=(f, kh, kw, c)).astype(np.float32),
+            "bias": np.zeros(f, np.float32),
+            "activations": rng.random((2, f, 8, 8)).astype(np.float32),
+            "grad_l1": rng.random(f).astype(np.float32),
+            "embedding": rng.normal(size=(f, 2)).astype(np.float32),
+            "filter_uids": np.arange(f, dtype=np.int64),
+            "frozen": np.full(f, name in frozen),
+            "_attrs": {"kind": "conv"},
+        }
+        rows.append({"run_id": w.run_id, "epoch": epoch, "layer": name, "kind": "conv", "n_filters": f,
+                     "frozen": name in frozen, "n_frozen_filters": f if name in frozen else 0})
+    arrays["dense1"] = {"kernel": np.zeros((24, 2), np.float32), "filter_uids": np.arange(2),
+                        "_attrs": {"kind": "dense"}}
+    w.write_arrays(epoch, arrays, {"metrics": {}})
+    w.write_rows("layers", epoch, rows)
+    w.commit(epoch, {"loss": 1.0 / (epoch + 1), "accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.4,
+                     "lr": 1e-3, "n_batches": 10})
+
+
+def _snapshot(w: RunWriter, *, epoch: int, batch: int, frozen_layers: tuple[str, ...] = (),
+              uids: dict | None = None) -> None:
+    rng = np.random.default_rng(epoch * 100 + batch)
+    uids = uids or {name: list(range(shape[0])) for name, shape in LAYERS.items()} | {"dense1": [0, 1]}
+    kernels = {n: rng.normal(size=(len(uids[n]), *LAYERS[n][1:])).astype(np.float32) for n in LAYERS}
+    acts = {n: rng.random((2, len(uids[n]), 8, 8)).astype(np.float16) for n in LAYERS}
+    meta = {"run_id": w.run_id, "epoch": epoch, "batch": batch, "n_batches": 10, "lr": 1e-3, "paused": False,
+            "frozen_layers": list(frozen_layers), "uids": uids, "frozen_filters": {"conv2": [1]},
+            "published_at": time.time()}
+    hist = [(epoch, b, 1.0 / (b + 1), 0.1 * b, time.time()) for b in range(1, batch + 1)]
+    write_live_snapshot(w.store, w.run_id, meta, kernels, acts, np.full((2, 2), 0.5), hist)
+
+
+def _answer_commands(w: RunWriter, *, epoch: int = 1, batch: int = 4) -> list[dict]:
+    """Play the trainer: pop queued commands, reject deleting every filter, apply the rest."""
+    out = []
+    for cmd, cid, _err in CommandQueue(w.store, w.run_id).pop():
+        status, msg = "applied", f"{cmd.op} done"
+        if cmd.op == "delete-filters" and len(cmd.args["indices"]) >= LAYERS[cmd.args["layer"]][0]:
+            status, msg = "rejected", f"Cannot delete every filter of {cmd.args['layer']}"
+        out.append(w.write_event(event_id=cid, epoch=epoch, batch=batch, kind=cmd.op, args=cmd.args,
+                                 status=status, message=msg, sent_at=cmd.sent_at))
+    return out
+
+
+def _wait(pred, timeout: float = 5.0) -> None:
+    t = time.time() + timeout
+    while time.time() < t:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+# ---------------------------------------------------------------------- pure functions
+def test_indices_round_trip():
+    assert parse_indices("0, 3 5-7") == [0, 3, 5, 6, 7]
+    assert parse_indices("2,2,1") == [2, 1]
+    assert format_indices([5, 0, 3]) == "0, 3, 5"
+    with pytest.raises(ValueError):
+        parse_indices("a")
+
+
+def test_small_helpers():
+    k = np.random.default_rng(0).normal(size=(5, 3, 3, 3))
+    assert pca_2d(k).shape == (5, 2)
+    assert pca_2d(k[:1]).shape == (1, 2)
+    assert event_x(3, 5, 10) == pytest.approx(2.5)
+    assert event_x(3, 0, None) == 3.0
+
+
+def test_network_frame_from_a_snapshot(tmp_path):
+    store, w = _fake_run(tmp_path / "store")
+    from revacnn.storage.live import read_live_snapshot
+
+    rec = record_from_snapshot(read_live_snapshot(store, w.run_id))
+    images, labels = store.probes(store.run(w.run_id).session_id)
+    frame = network_frame(rec, images, labels, ["a", "b"], run_id=w.run_id,
+                          previous_uids={"conv1": [0, 1, 2, 3, 9], "conv2": [0, 1, 2]})
+    conv1, conv2 = frame.layers
+    assert conv1.n_filters == 4 and conv1.deleted == [9] and not conv1.added.any()
+    assert conv2.added.tolist() == [False, False, False, True, True, True]
+    assert conv2.frozen.tolist() == [False, True, False, False, False, False]
+    assert conv1.activations.shape == (2, 4, 8, 8) and "act_mean" in conv1.measures
+    assert MULTI_SELECT  # the shared view's canvas accepted the multi-selection patch
+
+
+def test_permission_outside_a_server():
+    assert steering_permission(True) == (True, "")
+    ok, why = steering_permission(False)
+    assert not ok and "authentication" in why
+
+
+class _Request:
+    def __init__(self, ip: str, host: str, headers: dict | None = None, cookies: dict | None = None) -> None:
+        self.remote_ip = ip
+        self.headers = {"Host": host, **(headers or {})}
+        self.cookies = cookies or {}
+        self.arguments = {}
+
+
+class _Context:
+    def __init__(self, request: _Request) -> None:
+        self.request = request
+
+
+@pytest.mark.parametrize(
+    ("ip", "host", "headers", "user", "allowed"),
+    [
+        ("127.0.0.1", "127.0.0.1:5006", None, None, True),
+        ("::1", "localhost:5006", None, None, True),
+        ("10.1.2.3", "lab-box:5006", None, None, False),  # served on another address, nobody logged in
+        ("127.0.0.1", "lab.example.org", None, None, False),  # a local reverse proxy
+        ("127.0.0.1", "localhost:5006", {"X-Forwarded-For": "1.2.3.4"}, None, False),
+        ("10.1.2.3", "lab-box:5006", None, "alice", True),  # basic auth / OAuth user
+        ("10.1.2.3", "lab-box:5006", None, "guest", False),  # a guest cookie is not a login
+    ],
+)
+def test_permission_per_connection(monkeypatch, ip, host, headers, user, allowed):
+    import panel as pn
+    from bokeh.document import Document
+    from tornado.web import create_signed_value
+
+    monkeypatch.setattr(pn.config, "cookie_secret", "test-secret")
+    cookies = {}
+    if user == "guest":
+        cookies["is_guest"] = "1"
+    elif user:
+        cookies["user"] = create_signed_value("test-secret", "user", user).decode()
+    doc = Document()
+    ctx = _Context(_Request(ip, host, headers, cookies))
+    doc._session_context = lambda: ctx
+    pn.state.curdoc = doc
+    try:
+        ok, why = steering_permission(True)
+    finally:
+        pn.state.curdoc = None
+    assert ok is allowed
+    assert (why == "") is allowed
+
+
+# ---------------------------------------------------------------------- hub and feed
+def test_feed_follows_snapshot_events_and_commits(tmp_path):
+    store, w = _fake_run(tmp_path / "store")
+    hub = LiveHub.for_store(store)
+    feed = hub.subscribe(w.run_id)
+    try:
+        _wait(lambda: feed.state.live is not None and feed.state.record is not None)
+        st: FeedState = feed.state
+        assert st.live.batch == 3 and st.live.conv_layers == ["conv1", "conv2"]
+        assert st.live.frozen_filters == {"conv2": [1]}
+        assert st.record.source == "epoch" and st.record.n_filters["conv1"] == 4
+        assert st.current is st.live  # the snapshot is newer than the epoch-0 record
+        v = st.version
+        _commit(w, 1, np.random.default_rng(1), frozen=("conv1",))
+        _wait(lambda: feed.state.record is not None and feed.state.record.epoch == 1)
+        st = feed.state
+        assert st.epochs == [0, 1]
+        assert st.version > v and st.current is st.record and st.record.frozen_layers == ["conv1"]
+        w.write_event(event_id="cmd-x", epoch=2, batch=1, kind="pause", args={}, status="applied", message="paused")
+        _wait(lambda: len(feed.state.events) == 1)
+        w.set_status("finished")
+        _wait(lambda: feed.state.status == "finished")
+    finally:
+        hub.unsubscribe(feed)
+    assert w.run_id not in hub.feeds
+
+
+def test_feed_of_fork_includes_parent_epochs(tmp_path):
+    store, w = _fake_run(tmp_path / "store", epochs=3)
+    child = RunWriter.create(store, session_id=store.run(w.run_id).session_id, config={"epochs": 5},
+                             parent_run_id=w.run_id, fork_epoch=2)
+    _commit(child, 2, np.random.default_rng(5))
+    from revacnn.ui.live import run_metrics
+
+    m = run_metrics(store, child.run_id)
+    assert m["epoch"].tolist() == [0, 1, 2]
+    assert m["source_run_id"].tolist() == [w.run_id, w.run_id, child.run_id]
+
+
+# ---------------------------------------------------------------------- steering controls
+def test_controls_send_resolve_and_explain():
+    sent = []
+
+    def sender(op, words):
+        sent.append((op, words))
+        return f"cmd-{len(sent)}"
+
+    c = SteeringControls(sender=sender)
+    assert c.btn_freeze.disabled  # nothing attached
+    c.update_state(run_id="run-1", status="running", layers={"conv1": 4, "dense1": 2}, conv_layers=["conv1"],
+                   frozen_layers=[], frozen_filters={}, lr=1e-3)
+    assert c.layer == "conv1" and not c.btn_freeze.disabled and c.btn_unfreeze.disabled
+    assert c.btn_delete.disabled  # no filter selected
+    c.btn_freeze.clicks += 1
+    assert sent[-1] == ("freeze", ["conv1"]) and "waiting" in c.result.object
+    ev = pd.DataFrame([{"event_id": "cmd-1", "status": "applied", "message": "conv1 frozen", "epoch": 1,
+                        "batch": 2}])
+    c.resolve(ev)
+    assert "applied" in c.result.object and "conv1 frozen" in c.result.object and not c.pending
+    c.indices.value = "0-3"
+    assert c.selected == [0, 1, 2, 3] and "cannot apply" in c.filter_hint.object
+    c.btn_delete.clicks += 1
+    assert sent[-1] == ("delete-filters", ["conv1", "0", "1", "2", "3"])
+    c.resolve(pd.DataFrame([{"event_id": "cmd-2", "status": "rejected", "epoch": 1, "batch": 3,
+                             "message": "Cannot delete every filter of conv1"}]))
+    assert "rejected" in c.result.object and "Cannot delete every filter" in c.result.object
+    c.update_state(run_id="run-1", status="running", layers={"conv1": 3, "dense1": 2}, conv_layers=["conv1"],
+                   frozen_layers=["conv1"], frozen_filters={})
+    assert c.selected == []  # indices shifted after a deletion
+    assert c.btn_freeze.disabled and not c.btn_unfreeze.disabled
+    c.layer = "dense1"
+    assert c.btn_add.disabled and "dense" in c.filter_hint.object or c.filter_hint.object == ""
+    c.update_state(run_id="run-1", status="finished", layers={"conv1": 3}, conv_layers=["conv1"],
+                   frozen_layers=[], frozen_filters={})
+    assert c.btn_freeze.disabled and c.btn_stop.disabled and c.notice.visible and "finished" in c.notice.object
+    n = len(sent)
+    assert c.send("pause", []) is None and len(sent) == n
+
+
+def test_controls_disabled_without_permission():
+    c = SteeringControls(sender=lambda op, w: "x", allowed=False, deny_reason="no auth here")
+    c.update_state(run_id="run-1", status="running", layers={"conv1": 4}, conv_layers=["conv1"],
+                   frozen_layers=[], frozen_filters={})
+    assert all(b.disabled for b in (c.btn_freeze, c.btn_add, c.btn_pause, c.btn_stop, c.btn_lr, c.btn_fork))
+    assert c.notice.visible and "no auth here" in c.notice.object
+
+
+def test_controls_report_send_errors():
+    def bad(op, words):
+        raise ValueError("Received: lr='x'")
+
+    c = SteeringControls(sender=bad)
+    c.update_state(run_id="run-1", status="running", layers={"conv1": 4}, conv_layers=["conv1"],
+                   frozen_layers=[], frozen_filters={})
+    assert c.send("set-lr", ["x"]) is None and "not sent" in c.result.object
+
+
+# ---------------------------------------------------------------------- the app, headless
+def test_app_attaches_steers_and_follows_to_the_end(tmp_path):
+    store, w = _fake_run(tmp_path / "store")
+    app = LiveApp(store_path=str(store.root), run_id=w.run_id)
+    app2 = create_live_app(str(store.root), run_id=w.run_id)
+    try:
+        _wait(lambda: (app.refresh() or True) and app.network.rec is not None
+              and "batch 3/10" in app.status_line.object)
+        layers = {L["name"]: L for L in app.network.view.render_data()["layers"]}
+        assert layers["conv1"]["n"] == 4 and not layers["conv1"]["layer_frozen"]
+        assert w.run_id in app.run_select.options.values()
+        # tile clicks toggle filters in the selection; the controls and the views follow
+        app._tile_toggle("conv2", 1)
+        app._tile_toggle("conv2", 2)
+        assert app.steering.layer == "conv2" and app.steering.selected == [1, 2]
+        assert app.network.view.selection == ["conv2:1", "conv2:2"]
+        assert app.network.view.render_data()["selected_set"] == ["conv2:1", "conv2:2"]
+        app._tile_toggle("conv2", 1)
+        assert app.steering.selected == [2] and app.steering.indices.value == "2"
+        app.tabs.active = 1  # the embedding draws when its tab is shown, with the selection
+        assert app.embedding.source.selected.indices == [2]
+        assert app.embedding.layer == "conv2" and len(app.embedding.source.data["x"]) == 6
+        app.tabs.active = 0
+        # freeze conv1 from one session; the fake trainer answers; both sessions see the event
+        app.steering.select("conv1", [])
+        app.steering.btn_freeze.clicks += 1
+        queued = list((store.layout.commands_dir(w.run_id)).glob("*.json"))
+        assert len(queued) == 1 and json.loads(queued[0].read_text())["op"] == "freeze"
+        _answer_commands(w)
+        _snapshot(w, epoch=1, batch=5, frozen_layers=("conv1",))
+        _wait(lambda: (app.refresh() or True) and "applied" in app.steering.result.object)
+        _wait(lambda: (app2.refresh() or True) and any(r["kind"] == "freeze" for r in app2.event_log.rows()))
+        _wait(lambda: (app.refresh() or True)
+              and app.network.view.render_data()["layers"][0]["layer_frozen"])
+        assert app.steering.btn_unfreeze.disabled is False
+        # delete every filter of conv1: refused with its reason
+        app.steering.select("conv1", [0, 1, 2, 3])
+        app.steering.btn_delete.clicks += 1
+        _answer_commands(w)
+        _wait(lambda: (app.refresh() or True) and "rejected" in app.steering.result.object)
+        assert "Cannot delete every filter" in app.steering.result.object
+        # the run ends: steering disabled, replay offered
+        _commit(w, 1, np.random.default_rng(2), frozen=("conv1",))
+        w.set_status("finished")
+        _wait(lambda: (app.refresh() or True) and app.banner.visible)
+        assert "replay?run=" in app.banner.object and app.steering.btn_freeze.disabled
+        _wait(lambda: (app.refresh() or True) and "epoch record 1" in app.network.caption.object)
+    finally:
+        app.close()
+        app2.close()
+
+
+def test_app_without_runs_says_so(tmp_path):
+    app = LiveApp(store_path=str(tmp_path / "empty"))
+    try:
+        app.refresh()
+        assert "No run attached" in app.status_line.object
+    finally:
+        app.close()
+
+
+def test_app_served_without_permission_disables_steering(tmp_path):
+    store, w = _fake_run(tmp_path / "store")
+    app = LiveApp(store_path=str(store.root), run_id=w.run_id, allow_steering=False)
+    try:
+        assert app.auth_notice.visible and app.start_form.button.disabled
+        _wait(lambda: (app.refresh() or True) and app.steering.run_id == w.run_id)
+        assert app.steering.btn_freeze.disabled and app.steering.notice.visible
+    finally:
+        app.close()
+
+
+# ---------------------------------------------------------------------- launcher
+def test_launcher_argv():
+    argv = launcher.train_argv("st", epochs=3, batch_size=32, lr=0.01, seed=2, train_size=100, val_size=50,
+                               name="x")
+    assert argv[:3] == [sys.executable, "-m", "revacnn.cli"]
+    assert argv[3:5] == ["train", "--store"] and "--quiet" in argv
+    assert argv[argv.index("--lr") + 1] == "0.01" and argv[argv.index("--name") + 1] == "x"
+    f = launcher.fork_argv("st", "run-1", 2, freeze=["conv1"], add_filters={"conv2": 3},
+                           delete_filters={"conv1": [1, 2]}, lr=1e-4)
+    assert f[3:5] == ["fork", "run-1"] and "--freeze" in f and "conv2:3" in f and "conv1:1,2" in f
+
+
+def test_launcher_reads_run_id_and_reports_failures(tmp_path, monkeypatch):
+    ok = launcher.launch([sys.executable, "-c", "print('run-123-abc', flush=True); import sys; "
+                          "print('progress', file=sys.stderr)"], log_dir=tmp_path)
+    assert ok.wait_run_id(20) == "run-123-abc"
+    ok.proc.wait(20)
+    bad = launcher.launch([sys.executable, "-c", "import sys; sys.exit('revacnn train: error: no data')"],
+                          log_dir=tmp_path)
+    assert bad.wait_run_id(20) is None
+    bad.proc.wait(20)
+    monkeypatch.setattr(launcher, "launch_train", lambda store, **kw: bad)
+    form = launcher.StartRunForm(store_path=str(tmp_path))
+    form.start()
+    _wait(lambda: form.poll() is None and form.watcher.alert.alert_type == "danger")
+    assert "no data" in form.watcher.alert.object
+    monkeypatch.setattr(launcher, "launch_fork", lambda store, rid, epoch, **kw: ok)
+    fork = launcher.ForkForm(store_path=str(tmp_path), run_id="run-1", epochs_available=[0, 1], layers=["conv1"])
+    assert fork.epoch == 1 and fork.w_epoch.value == 1
+    fork.epochs_available = [0, 1, 2]
+    assert fork.epoch == 2  # follows the newest record until the user picks one
+    fork.w_epoch.value = 0
+    fork.epochs_available = [0, 1, 2, 3]
+    assert fork.epoch == 0
+    fork.select_latest()
+    assert fork.epoch == 3
+    fork.w_freeze.value = ["conv1"]
+    fork.start()
+    assert fork.poll() == "run-123-abc"
