@@ -44,8 +44,9 @@ def _layer_spec(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
-    from .models import MODELS
+    # Literal choices: importing revacnn.models would import TensorFlow for every command.
+    DATASETS = ("shapes", "cifar10", "mnist", "fashion_mnist")
+    MODELS = ("convnetjs", "revacnn")
 
     p = _Parser(prog="revacnn", description="Record, replay and steer CNN training.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
