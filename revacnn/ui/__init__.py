@@ -1,0 +1,1 @@
+"""The Panel apps: live (follow and steer a training) and replay (scrub, compare, query recorded runs)."""

@@ -1,0 +1,1 @@
+"""Views shared by the live and replay apps."""

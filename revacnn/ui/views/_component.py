@@ -1,0 +1,171 @@
+"""The small JavaScript component the HTML views render into: JSON data in, click events out."""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import OrderedDict
+from typing import Any
+
+import param
+from panel.custom import JSComponent
+
+from ..theme import COMPONENT_CSS
+
+
+class HTMLView(JSComponent):
+    """A component that draws ``data`` with a JavaScript ``draw(data)`` function and reports clicks.
+
+    Subclasses set ``_esm`` to a module that defines ``draw(model, el)``; the shared wrapper calls
+    it on every change of ``data`` and turns clicks on elements with a ``data-click`` attribute
+    into the ``clicked`` parameter (``"<value>|<counter>"`` so that the same click repeats).
+
+    Example:
+        >>> class Hello(HTMLView):
+        ...     _draw = "el.innerHTML = `<b>${data.text}</b>`;"
+        >>> Hello(data={"text": "hi"})
+    """
+
+    data = param.Dict(default={}, doc="What to draw (JSON-serialisable).")
+    clicked = param.String(default="", doc="Last click: '<data-click value>|<counter>'.")
+
+    _draw = "el.textContent = JSON.stringify(data);"
+
+    _stylesheets = [COMPONENT_CSS]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._esm = _ESM_TEMPLATE.replace("/*DRAW*/", cls._draw)
+
+    @property
+    def clicked_value(self) -> str:
+        """The ``data-click`` value of the last click (without the counter)."""
+        return self.clicked.rsplit("|", 1)[0] if self.clicked else ""
+
+
+_ESM_TEMPLATE = """
+const E = (s) => String(s ?? '').replace(/[&<>"']/g, (c) => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+// CSS that shows tile i of an edge-padded sprite S = {n, w, h, pad} at w x h pixels
+// (the image itself comes from a CSS variable set once on the container).
+function cut(S, i, w, h) {
+  const sx = w / S.w, sy = h / S.h, cw = S.w + 2 * S.pad, ch = S.h + 2 * S.pad;
+  return `width:${w}px;height:${h}px;background-size:${(S.n * cw * sx).toFixed(2)}px ${(ch * sy).toFixed(2)}px;` +
+         `background-position:-${((i * cw + S.pad) * sx).toFixed(2)}px -${(S.pad * sy).toFixed(2)}px`;
+}
+function draw(model, el, data) {
+/*DRAW*/
+}
+export function render({ model, el }) {
+  let counter = 0;
+  const root = document.createElement('div');
+  root.className = 'rv-root';
+  el.appendChild(root);
+  const redraw = () => {
+    try { draw(model, root, model.data || {}); }
+    catch (err) { root.innerHTML = '<div class="rv-alert">Could not draw this view: ' +
+                  String(err).replace(/[<>&]/g, '') + '</div>'; }
+  };
+  root.addEventListener('click', (ev) => {
+    const t = ev.target.closest('[data-click]');
+    if (!t || !root.contains(t)) return;
+    counter += 1;
+    model.clicked = t.getAttribute('data-click') + '|' + counter;
+  });
+  root.addEventListener('keydown', (ev) => {
+    if (ev.key !== 'Enter' && ev.key !== ' ') return;
+    const t = ev.target.closest('[data-click]');
+    if (!t) return;
+    ev.preventDefault();
+    counter += 1;
+    model.clicked = t.getAttribute('data-click') + '|' + counter;
+  });
+  model.on('data', redraw);
+  redraw();
+}
+"""
+
+HTMLView._esm = _ESM_TEMPLATE.replace("/*DRAW*/", HTMLView._draw)
+
+
+class RenderCache:
+    """A small thread-safe LRU of rendered pictures (data URIs), keyed by what they show.
+
+    Example:
+        >>> cache = RenderCache(4)
+        >>> cache.get_or(("k",), lambda: "v")
+        'v'
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or(self, key: Any, make: Any) -> Any:
+        """The cached value of ``key``, made with ``make()`` on a miss."""
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        value = make()
+        with self._lock:
+            self._d[key] = value
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+        return value
+
+
+def signature(text: str) -> str:
+    """A short checksum of ``text`` (lets tests see that a picture changed).
+
+    Example:
+        >>> signature("abc")
+        '352441c2'
+    """
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
+def esc(text: Any) -> str:
+    """HTML-escape ``text``.
+
+    Example:
+        >>> esc("<b>")
+        '&lt;b&gt;'
+    """
+    import html
+
+    return html.escape(str(text), quote=True)
+
+
+async def run_locked(fn: Any) -> None:
+    """Run ``fn()`` with the session's document lock, from async code (after awaiting a thread).
+
+    Bokeh models (data sources, ranges) may only change while the document lock is held;
+    Panel runs async callbacks without it. Outside a served session ``fn`` just runs.
+
+    Example:
+        >>> frame = await asyncio.to_thread(load)
+        >>> await run_locked(lambda: view.update(frame))
+    """
+    import asyncio
+
+    import panel as pn
+
+    doc = pn.state.curdoc
+    if doc is None or doc.session_context is None:
+        fn()
+        return
+    fut = asyncio.get_running_loop().create_future()
+
+    def callback() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():
+            fut.set_result(None)
+
+    doc.add_next_tick_callback(callback)
+    await fut

@@ -1,0 +1,387 @@
+"""The network view: the probe, one column of filter tiles per conv layer, then class probabilities."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import panel as pn
+import param
+from panel.viewable import Viewer
+
+from ..data import MEASURES, LayerFrame, NetworkFrame
+from ..render import activation_rgb, kernel_rgb, png_data_uri, sprite
+from ..theme import MEASURE_COLORS, MEASURE_LABELS
+from ._component import HTMLView, RenderCache, signature
+
+_SPRITES = RenderCache(512)
+
+_CSS = """
+.rv-net { display:flex; gap:18px; align-items:flex-start; overflow-x:auto; padding:4px 2px 8px 2px; }
+.rv-col { flex: 0 0 auto; display:flex; flex-direction:column; gap:6px; }
+.rv-col-title { font-size:12.5px; font-weight:600; color:var(--rv-fg); white-space:nowrap; }
+.rv-col-sub { font-size:11px; color:var(--rv-muted); white-space:nowrap; }
+.rv-probe-img { width:128px; height:128px; image-rendering:pixelated; border-radius:6px;
+  border:1px solid var(--rv-border); }
+.rv-grid { display:grid; gap:3px; }
+.rv-tile { position:relative; cursor:pointer; border-radius:3px; background:var(--rv-tile-bg);
+  outline:1px solid transparent; padding:0; }
+.rv-tile:hover { outline:2px solid var(--rv-accent); z-index:2; }
+.rv-tile .rv-img { background-repeat:no-repeat; image-rendering:pixelated; border-radius:3px 3px 0 0; }
+.rv-tile .rv-bar { height:4px; background:rgba(127,127,127,.25); border-radius:0 0 3px 3px; overflow:hidden; }
+.rv-tile .rv-bar > i { display:block; height:100%; }
+.rv-tile.rv-frozen { outline:2px solid var(--rv-frozen); }
+.rv-tile.rv-added { outline:2px solid var(--rv-added); }
+.rv-tile.rv-selected { outline:3px solid var(--rv-accent); z-index:3; }
+.rv-tile .rv-flag { position:absolute; top:-6px; right:-6px; font-size:10px; line-height:13px; width:13px;
+  height:13px; text-align:center; border-radius:50%; color:#fff; font-weight:700; pointer-events:none; }
+.rv-flag.rv-f-frozen { background:var(--rv-frozen); }
+.rv-flag.rv-f-added { background:var(--rv-added); }
+.rv-tile.rv-deleted { background:transparent; outline:1px dashed var(--rv-deleted); cursor:default;
+  display:flex; align-items:center; justify-content:center; color:var(--rv-deleted); font-weight:700; }
+.rv-layer-frozen { font-size:11px; color:#fff; background:var(--rv-frozen); border-radius:999px; padding:0 7px; }
+.rv-layer-error { max-width:240px; font-size:12px; }
+.rv-probs { min-width:170px; }
+.rv-prob { display:grid; grid-template-columns: 92px 1fr 38px; gap:6px; align-items:center; font-size:11.5px;
+  margin:2px 0; }
+.rv-prob .rv-name { white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
+.rv-prob .rv-track { height:9px; background:rgba(127,127,127,.18); border-radius:5px; overflow:hidden; }
+.rv-prob .rv-track > i { display:block; height:100%; background:var(--rv-muted); border-radius:5px; }
+.rv-prob.rv-pred .rv-track > i { background:var(--rv-accent); }
+.rv-prob.rv-true .rv-name { font-weight:700; }
+.rv-prob .rv-val { text-align:right; font-variant-numeric: tabular-nums; color:var(--rv-muted); }
+.rv-legend { display:flex; gap:14px; flex-wrap:wrap; font-size:11.5px; color:var(--rv-muted); margin-top:6px; }
+.rv-legend i { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:4px; vertical-align:-1px; }
+.rv-verdict { font-size:12px; margin-top:6px; }
+.rv-compact { gap:10px; flex-wrap:wrap; }
+.rv-compact .rv-probe-img { width:72px; height:72px; }
+.rv-compact .rv-probs { min-width:120px; }
+.rv-compact .rv-prob { grid-template-columns: 64px 1fr 30px; font-size:10.5px; }
+.rv-ok { color:#16a34a; font-weight:600; } .rv-bad { color:#dc2626; font-weight:600; }
+"""
+
+_DRAW = r"""
+const fmt = (v) => (v === null || v === undefined || !isFinite(v)) ? '–' : Number(v).toPrecision(4).replace(/\.?0+(e|$)/, '$1');
+if (!data || !data.layers) { el.innerHTML = ''; el._struct = null; return; }
+el._data = data;
+if (!el._tips) {  // tooltips are built on hover, from the latest data (cheaper than 1000 titles per draw)
+  el._tips = true;
+  el.addEventListener('mouseover', (ev) => {
+    const t = ev.target.closest('.rv-tile[data-i]');
+    if (!t) return;
+    const d = el._data, L = d.layers[+t.dataset.j], i = +t.dataset.i;
+    if (!L || !L.uids) return;
+    const tip = [`${L.name} · filter ${i} (uid ${L.uids[i]})`];
+    if (t.dataset.kind === 'weights') tip.push('weights as an RGB picture');
+    for (const [m, vals] of Object.entries(L.measures || {})) tip.push(`${m}: ${fmt(vals[i])}`);
+    if (L.amax) tip.push(`max activation on this probe: ${fmt(L.amax[i])}`);
+    if (L.frozen[i]) tip.push('frozen');
+    if (L.added[i]) tip.push('added at this epoch');
+    t.title = tip.join('\n');
+  });
+}
+const struct = JSON.stringify([data.message ? 1 : 0, !!data.probe_img, data.compact, data.selected,
+  data.layers.map((L) => [L.name, L.n, L.cols, L.tile, L.layer_frozen, L.error, L.uids, L.frozen, L.added, L.deleted, !!L.weights]),
+  (data.probs || []).map((p) => [p.name, p.true])]);
+if (el._struct === struct) {
+  // Same network, another epoch or probe: swap the pictures and numbers in place.
+  const net = el.querySelector('.rv-net');
+  net.dataset.epoch = data.epoch ?? ''; net.dataset.probe = data.probe ?? ''; net.dataset.key = data.key ?? '';
+  const msg = el.querySelector('.rv-net-message'); if (msg) msg.textContent = data.message;
+  const img = el.querySelector('.rv-probe-img'); if (img) img.src = data.probe_img;
+  const pt = el.querySelector('.rv-probe-col .rv-col-title'); if (pt) pt.textContent = data.probe_title;
+  const pl = el.querySelector('.rv-probe-col .rv-col-sub'); if (pl) pl.textContent = data.label;
+  const cols = el.querySelectorAll('.rv-layer');
+  data.layers.forEach((L, j) => {
+    if (L.error) return;
+    const g = cols[j].querySelector('.rv-grid-acts');
+    g.style.setProperty('--sprite', `url('${L.sprite.uri}')`); g.dataset.sig = L.sig;
+    g.querySelectorAll('.rv-bar > i').forEach((b, i) => {
+      b.style.width = `${Math.max(0, Math.min(100, 100 * (L.bar[i] ?? 0))).toFixed(1)}%`;
+      b.style.background = data.measure_color;
+    });
+    if (L.weights) {
+      const w = cols[j].querySelector('.rv-grid-weights');
+      w.style.setProperty('--sprite', `url('${L.weights.uri}')`); w.dataset.sig = L.wsig;
+    }
+  });
+  const rows = el.querySelectorAll('.rv-prob');
+  (data.probs || []).forEach((p, k) => {
+    rows[k].querySelector('.rv-track > i').style.width = `${(100 * p.p).toFixed(1)}%`;
+    rows[k].querySelector('.rv-val').textContent = `${(100 * p.p).toFixed(0)}%`;
+    rows[k].classList.toggle('rv-pred', !!p.pred);
+  });
+  const v = el.querySelector('.rv-verdict');
+  if (v) { v.textContent = data.verdict; v.className = `rv-verdict ${data.verdict_ok ? 'rv-ok' : 'rv-bad'}`; }
+  const lg = el.querySelector('.rv-legend .rv-legend-measure');
+  if (lg) lg.innerHTML = `<i style="background:${data.measure_color}"></i>bar: ${E(data.measure_label)} (relative to the layer's max)`;
+  return;
+}
+el._struct = struct;
+const parts = [];
+if (data.message) parts.push(`<div class="${data.layers.length ? 'rv-alert' : 'rv-empty'} rv-net-message">${E(data.message)}</div>`);
+parts.push(`<div class="rv-net ${data.compact ? 'rv-compact' : ''}" data-epoch="${E(data.epoch)}" data-probe="${E(data.probe)}" data-key="${E(data.key)}">`);
+if (data.probe_img) {
+  parts.push(`<div class="rv-col rv-probe-col"><div class="rv-col-title">${E(data.probe_title)}</div>
+    <img class="rv-probe-img" src="${data.probe_img}" alt="probe">
+    <div class="rv-col-sub">${E(data.label)}</div></div>`);
+}
+data.layers.forEach((L, j) => {
+  parts.push(`<div class="rv-col rv-layer" data-layer="${E(L.name)}">`);
+  parts.push(`<div class="rv-col-title">${E(L.name)} <span class="rv-col-sub">${L.n} filters</span>
+     ${L.layer_frozen ? '<span class="rv-layer-frozen">frozen</span>' : ''}</div>`);
+  if (L.error) { parts.push(`<div class="rv-alert rv-layer-error">${E(L.error)}</div></div>`); return; }
+  const grids = [['acts', L.sprite, L.sig]];
+  if (L.weights) grids.push(['weights', L.weights, L.wsig]);
+  for (const [kind, S, sig] of grids) {
+    if (kind === 'weights') parts.push(`<div class="rv-col-sub">weights (RGB)</div>`);
+    const t = L.tile;
+    parts.push(`<div class="rv-grid rv-grid-${kind}" data-sig="${sig}" style="grid-template-columns:repeat(${L.cols}, ${t}px);--sprite:url('${S.uri}');">`);
+    for (let i = 0; i < L.n; i++) {
+      const cls = ['rv-tile'];
+      if (L.frozen[i]) cls.push('rv-frozen');
+      if (L.added[i]) cls.push('rv-added');
+      if (data.selected && data.selected === `${L.name}:${L.uids[i]}`) cls.push('rv-selected');
+      const w = Math.max(0, Math.min(100, 100 * (L.bar[i] ?? 0)));
+      const flag = L.frozen[i] && !L.layer_frozen ? '<span class="rv-flag rv-f-frozen">❄</span>'
+                 : (L.added[i] ? '<span class="rv-flag rv-f-added">+</span>' : '');
+      parts.push(`<div class="${cls.join(' ')}" tabindex="0" data-j="${j}" data-i="${i}" data-kind="${kind}" data-click="${E(L.name)}:${L.uids[i]}">
+        <div class="rv-img" style="background-image:var(--sprite);${cut(S, i, t, t)}"></div>
+        ${kind === 'acts' ? `<div class="rv-bar"><i style="width:${w.toFixed(1)}%;background:${data.measure_color}"></i></div>` : ''}${flag}</div>`);
+    }
+    if (kind === 'acts') for (const uid of L.deleted) {
+      parts.push(`<div class="rv-tile rv-deleted" style="width:${t}px;height:${t + 4}px" title="filter uid ${uid} was deleted here">✕</div>`);
+    }
+    parts.push('</div>');
+  }
+  parts.push('</div>');
+});
+if (data.probs && data.probs.length) {
+  parts.push(`<div class="rv-col rv-probs"><div class="rv-col-title">class probabilities</div>`);
+  for (const p of data.probs) {
+    parts.push(`<div class="rv-prob ${p.pred ? 'rv-pred' : ''} ${p.true ? 'rv-true' : ''}">
+      <span class="rv-name" title="${E(p.name)}">${p.true ? '✓ ' : ''}${E(p.name)}</span>
+      <span class="rv-track"><i style="width:${(100 * p.p).toFixed(1)}%"></i></span>
+      <span class="rv-val">${(100 * p.p).toFixed(0)}%</span></div>`);
+  }
+  if (data.verdict) parts.push(`<div class="rv-verdict ${data.verdict_ok ? 'rv-ok' : 'rv-bad'}">${E(data.verdict)}</div>`);
+  parts.push('</div>');
+}
+parts.push('</div>');
+if (data.layers.length) {
+  parts.push(`<div class="rv-legend"><span class="rv-legend-measure"><i style="background:${data.measure_color}"></i>bar: ${E(data.measure_label)} (relative to the layer's max)</span>
+    <span><i style="background:var(--rv-frozen)"></i>frozen</span><span><i style="background:var(--rv-added)"></i>added this epoch</span>
+    <span><i style="border:1px dashed var(--rv-deleted)"></i>deleted</span><span>tile: activation map of the probe (click for details)</span></div>`);
+}
+el.innerHTML = parts.join('');
+"""
+
+
+class NetworkCanvas(HTMLView):
+    _draw = _DRAW
+    _stylesheets = [*HTMLView._stylesheets, _CSS]
+
+
+_REV = [0]
+
+
+def _next_rev() -> int:
+    """A new number for every drawing: param compares a new dict with the old one item by item, and a
+    differing first item ends that comparison at once."""
+    _REV[0] += 1
+    return _REV[0]
+
+
+def _grid_shape(n: int, width: int) -> tuple[int, int]:
+    cols = max(1, math.ceil(math.sqrt(max(n, 1))))
+    tile = int(max(12, min(64, (width - 3 * (cols - 1)) // cols)))
+    return cols, tile
+
+
+def _sig(sp: Any) -> str:
+    """A short checksum of a sprite's picture.
+
+    The end of a PNG holds the CRC-32 of its compressed pixels, so the last characters of the
+    data URI (plus its length) identify the picture without hashing the whole string.
+    """
+    return f"{signature(sp.uri[-96:])}{len(sp.uri):x}"
+
+
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    v = np.asarray(values, np.float64)
+    return [None if x != x or x in (np.inf, -np.inf) else x for x in np.round(v, 6).tolist()]
+
+
+def _bar(values: np.ndarray | None, n: int) -> list[float]:
+    if values is None or len(values) != n:
+        return [0.0] * n
+    v = np.nan_to_num(np.asarray(values, np.float64), nan=0.0)
+    v = np.abs(v)
+    m = float(v.max()) if n else 0.0
+    return [round(float(x) / m, 4) if m > 0 else 0.0 for x in v]
+
+
+def probe_image_uri(frame: NetworkFrame, probe: int) -> str:
+    """The probe image as a PNG data URI (greyscale probes drawn in grey).
+
+    Example:
+        >>> probe_image_uri(frame, 0).startswith("data:image/png")
+        True
+    """
+    def make() -> str:
+        img = np.asarray(frame.probe_images[probe])
+        if img.ndim == 2:
+            img = img[..., None]
+        if img.shape[-1] == 1:
+            img = np.repeat(img, 3, axis=-1)
+        return png_data_uri(img[..., :3].astype(np.uint8))
+
+    return _SPRITES.get_or(("probe", id(frame.probe_images), frame.probe_images.shape, probe), make)
+
+
+def layer_sprites(frame: NetworkFrame, lf: LayerFrame, probe: int) -> Any:
+    """The `Sprite` of one layer's activation tiles for one probe (cached per frame and probe).
+
+    Example:
+        >>> layer_sprites(frame, frame.layers[0], 0).n
+        16
+    """
+    assert lf.activations is not None
+
+    def make() -> Any:
+        return sprite(activation_rgb(lf.activations[probe], lf.activation_scale()))
+
+    return _SPRITES.get_or(("acts", frame.key, lf.name, probe), make)
+
+
+def weight_sprite(frame: NetworkFrame, lf: LayerFrame) -> Any:
+    """The `Sprite` of a layer's kernels drawn as RGB pictures (cached per frame)."""
+    assert lf.kernel is not None
+    return _SPRITES.get_or(("weights", frame.key, lf.name), lambda: sprite(kernel_rgb(lf.kernel)))
+
+
+class NetworkView(Viewer):
+    """ReVACNN's network view over a `NetworkFrame`: every filter's activation map for one probe.
+
+    Columns: the probe image, then one per conv layer (a tile per filter with a bar for the chosen
+    measure; frozen, added and deleted filters marked; the first layer's weights as RGB pictures),
+    then the probe's class probabilities. Clicking a tile sets `selected` to ``(layer, uid)``.
+
+    The view only draws what it is given: set `frame` from an epoch record
+    (`ReplayData.frame`) or from the live snapshot (`frame_from_live`).
+
+    Example:
+        >>> view = NetworkView(frame=data.frame(bundle, 3), probe=0, measure="grad_l1")
+        >>> view.param.watch(lambda e: print(e.new), "selected")
+    """
+
+    frame = param.ClassSelector(class_=NetworkFrame, allow_None=True, doc="What to draw.")
+    probe = param.Integer(default=0, bounds=(0, None), doc="Index of the probe image shown.")
+    measure = param.Selector(default="grad_l1", objects=list(MEASURES), doc="Per-filter measure of the bars.")
+    show_weights = param.Boolean(default=True, doc="Also draw the first layer's weights as RGB pictures.")
+    selected = param.Tuple(default=None, allow_None=True, length=2, doc="(layer, uid) of the clicked filter.")
+    width_per_layer = param.Integer(default=300, bounds=(80, 800), doc="Pixel budget of a layer column.")
+    compact = param.Boolean(default=False, doc="Smaller probe image and probability column (side by side).")
+    empty_message = param.String(default="Choose a run to see its network.")
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._canvas = NetworkCanvas(sizing_mode="stretch_width", css_classes=["rv-network"])
+        self._canvas.param.watch(self._on_click, "clicked")
+        self.param.watch(self._refresh, ["frame", "probe", "measure", "show_weights", "selected",
+                                         "width_per_layer", "empty_message", "compact"])
+        self._refresh()
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self._canvas
+
+    def _on_click(self, event: param.parameterized.Event) -> None:
+        value = self._canvas.clicked_value
+        if ":" not in value:
+            return
+        layer, uid = value.rsplit(":", 1)
+        try:
+            self.selected = (layer, int(uid))
+        except ValueError:
+            return
+
+    def render_data(self) -> dict[str, Any]:
+        """The JSON the browser draws (also handy for tests: no browser needed)."""
+        f = self.frame
+        if f is None:
+            return {"layers": [], "message": self.empty_message}
+        P = f.n_probes
+        probe = min(self.probe, P - 1) if P else 0
+        out: dict[str, Any] = {
+            "rev": _next_rev(),
+            "epoch": f.epoch,
+            "label": f.label,
+            "probe": probe,
+            "message": f.message,
+            "measure": self.measure,
+            "measure_color": MEASURE_COLORS[self.measure],
+            "measure_label": MEASURE_LABELS[self.measure],
+            "compact": self.compact,
+            "selected": f"{self.selected[0]}:{self.selected[1]}" if self.selected else None,
+            "layers": [],
+            "probs": [],
+        }
+        if P:
+            label = int(f.probe_labels[probe]) if len(f.probe_labels) > probe else -1
+            out["probe_img"] = probe_image_uri(f, probe)
+            out["probe_title"] = f"probe {probe} · {f.class_name(label)}"
+        sigs = []
+        for lf in f.layers:
+            n = lf.n_filters
+            cols, tile = _grid_shape(n, self.width_per_layer)
+            entry: dict[str, Any] = {
+                "name": lf.name, "n": n, "cols": cols, "tile": tile,
+                "layer_frozen": bool(lf.layer_frozen),
+                "uids": [int(u) for u in lf.uids],
+                "frozen": [bool(x) for x in lf.frozen],
+                "added": [bool(x) for x in (lf.added if lf.added is not None else np.zeros(n, bool))],
+                "deleted": [int(u) for u in lf.deleted],
+                "error": lf.error,
+            }
+            if lf.error is None and (lf.activations is None or not P):
+                entry["error"] = f"{lf.name}: no activation maps in this record."
+            if entry["error"] is None:
+                sp = layer_sprites(f, lf, probe)
+                entry["sprite"] = sp.css()
+                entry["sig"] = _sig(sp)
+                sigs.append(entry["sig"])
+                values = lf.measures.get(self.measure)
+                entry["bar"] = _bar(values, n)
+                entry["measures"] = {
+                    m: _json_floats(lf.measures[m]) for m in MEASURES if m in lf.measures and len(lf.measures[m]) == n
+                }
+                if lf.activations is not None:
+                    entry["amax"] = np.round(lf.abs_max()[probe].astype(np.float64), 5).tolist()
+                if self.show_weights and lf.kernel is not None and lf.index == 0:
+                    ws = weight_sprite(f, lf)
+                    entry["weights"] = ws.css()
+                    entry["wsig"] = _sig(ws)
+            out["layers"].append(entry)
+        if f.probabilities is not None and P and probe < len(f.probabilities):
+            p = np.asarray(f.probabilities[probe], np.float64)
+            pred = int(np.argmax(p)) if p.size else -1
+            label = int(f.probe_labels[probe]) if len(f.probe_labels) > probe else -1
+            probs = [
+                {"name": f.class_name(k), "p": round(float(p[k]), 4), "pred": k == pred, "true": k == label}
+                for k in range(len(p))
+            ]
+            if self.compact and len(probs) > 5:  # side by side: the five likeliest and the true class
+                keep = set(np.argsort(-p)[:5].tolist()) | {label}
+                probs = [q for k, q in enumerate(probs) if k in keep]
+            out["probs"] = probs
+            ok = pred == label
+            out["verdict"] = (f"predicted {f.class_name(pred)} — "
+                              + ("correct" if ok else f"wrong (true: {f.class_name(label)})"))
+            out["verdict_ok"] = ok
+        out["key"] = signature(f"{f.key}|{probe}|{'|'.join(sigs)}")
+        return out
+
+    def _refresh(self, *_: Any) -> None:
+        self._canvas.data = self.render_data()
+

@@ -1,0 +1,321 @@
+"""The replay app in headless Chromium: player, probes, compare, SQL, special stores; saves docs/screenshots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("REVACNN_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+VIEWPORT = {"width": 1600, "height": 1000}
+
+
+def _require_browser() -> None:
+    pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (set REVACNN_CHROMIUM)")
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Record a tiny session once: a root run (3 epochs) and a fork at epoch 1 (conv1 frozen, conv2 +2)."""
+    _require_browser()
+    import keras
+
+    import revacnn
+    from revacnn.data.shapes import load_shapes
+    from revacnn.steering import parse
+    from revacnn.trainer import fork
+
+    root = tmp_path_factory.mktemp("replay-browser") / "store"
+    x, y, xv, yv = load_shapes(384, 96, seed=0)
+    names = ["red circle", "yellow circle", "yellow square", "green square", "green triangle",
+             "blue triangle", "blue cross", "purple cross", "purple ring", "red ring"]
+    L = keras.layers
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        L.Conv2D(8, 3, padding="same", activation="relu", name="conv1"), L.MaxPooling2D(2),
+        L.Conv2D(10, 3, padding="same", activation="relu", name="conv2"), L.MaxPooling2D(2),
+        L.Flatten(), L.Dense(10, activation="softmax", name="dense1"),
+    ])
+    store = revacnn.open_store(root)
+    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=3, batch_size=64, store=store,
+                      probes=10, name="root", class_names=names, progress=False)
+    child = fork(store, run.run_id, 1, changes=[parse("freeze", ["conv1"]), parse("add-filters", ["conv2", "2"])],
+                 name="conv1-frozen", progress=False, data=((x, y), (xv, yv)))
+    return {"store": root, "root": run.run_id, "fork": child.run_id}
+
+
+def _special_stores(base: Path, recorded: dict[str, Any]) -> dict[str, Path]:
+    """Empty store, a single-epoch run, a run still being written, and a corrupt epoch array."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from test_replay_data import synthetic_store
+    finally:
+        sys.path.pop(0)
+    import revacnn
+
+    out = {"empty": base / "empty", "single": base / "single", "running": base / "running",
+           "corrupt": base / "corrupt"}
+    revacnn.open_store(out["empty"])
+    synthetic_store(out["single"], epochs=0, fork=False)
+    synthetic_store(out["running"], epochs=1, fork=False, root_status="running")
+    shutil.copytree(recorded["store"], out["corrupt"])
+    store = revacnn.open_store(out["corrupt"], mode="r")
+    act = store.layout.epoch_arrays(recorded["root"], 2) / "conv2" / "activations"
+    for p in act.rglob("*"):
+        if p.is_file() and p.name != "zarr.json":
+            p.write_bytes(b"garbage, not a chunk")
+    return out
+
+
+@pytest.fixture(scope="session")
+def special(recorded: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _special_stores(tmp_path_factory.mktemp("special"), recorded)
+
+
+@pytest.fixture(scope="session")
+def server(recorded: dict[str, Any], special: dict[str, Path]) -> Iterator[str]:
+    """One Panel server in a thread with a route per store: main, empty, single, running, corrupt."""
+    import panel as pn
+
+    from revacnn.ui.apps import create_replay_app
+    from revacnn.ui.serve import free_port
+
+    stores = {"main": recorded["store"], **special}
+    routes = {name: (lambda p=str(path): create_replay_app(p)) for name, path in stores.items()}
+    port = free_port()
+    srv = pn.serve(routes, port=port, address="127.0.0.1", show=False, threaded=True, start=True,
+                   verbose=False, websocket_origin=[f"127.0.0.1:{port}"])
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/empty", timeout=5)
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield url
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def console_log() -> list[tuple[str, str]]:
+    return []
+
+
+@pytest.fixture()
+def page(browser: Any, console_log: list[tuple[str, str]]) -> Iterator[Any]:
+    ctx = browser.new_context(viewport=VIEWPORT)
+    pg = ctx.new_page()
+    pg.on("console", lambda m: console_log.append((m.type, m.text)))
+    pg.on("pageerror", lambda e: console_log.append(("pageerror", str(e))))
+    pg.set_default_timeout(30_000)
+    yield pg
+    ctx.close()
+
+
+def _open(page: Any, url: str, ready: str = ".rv-net[data-epoch]") -> None:
+    page.goto(url)
+    page.wait_for_selector(ready)
+
+
+def _tab(page: Any, name: str) -> None:
+    page.locator(".bk-tab", has_text=name).first.click()
+
+
+def _shot(locator: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    locator.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+_DEEP_TEXT = """(el) => {
+  const walk = (n) => {
+    let t = '';
+    if (n.shadowRoot) t += walk(n.shadowRoot);
+    for (const c of n.childNodes) t += c.nodeType === 3 ? c.textContent : walk(c);
+    return t;
+  };
+  return walk(el);
+}"""
+
+
+def _text(locator: Any) -> str:
+    """All text under an element, through the shadow roots Panel renders into."""
+    return locator.first.evaluate(_DEEP_TEXT)
+
+
+def _sigs(page: Any) -> list[str]:
+    return page.eval_on_selector_all(
+        ".rv-main .rv-tab-network .rv-grid-acts", "els => els.map(e => e.getAttribute('data-sig'))")
+
+
+# ------------------------------------------------------------------------------ tests
+def test_player_changes_epoch_and_tiles(page: Any, server: str, recorded: dict[str, Any]) -> None:
+    _open(page, f"{server}/main?run={recorded['root']}&epoch=0")
+    net = page.locator(".rv-tab-network .rv-net").first
+    assert net.get_attribute("data-epoch") == "0"
+    before = _sigs(page)
+    assert len(before) == 2 and all(before)
+    _shot(page, "overview")
+    _shot(page.locator(".rv-epoch-player"), "player")
+    page.locator(".rv-epoch-player .rv-next").click()
+    page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='1']")
+    after = _sigs(page)
+    assert after[0] != before[0] and after[1] != before[1]
+    assert "epoch 1" in _text(page.locator(".rv-epoch-value"))
+    assert page.locator(".rv-run-header .rv-title-bar[data-epoch='1']").count() == 1
+    # the keyboard moves the slider too
+    page.locator(".rv-epoch-player .rv-range").focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='2']")
+    _shot(page.locator(".rv-tab-network .rv-net").first, "network")
+    _shot(page.locator(".rv-run-picker"), "run_picker")
+    _shot(page.locator(".rv-patterns"), "patterns")
+
+
+def test_probe_choice_changes_the_network_view(page: Any, server: str, recorded: dict[str, Any]) -> None:
+    _open(page, f"{server}/main?run={recorded['root']}&epoch=2")
+    img = page.locator(".rv-tab-network .rv-probe-img").first
+    src0, key0 = img.get_attribute("src"), page.locator(".rv-tab-network .rv-net").first.get_attribute("data-key")
+    page.locator(".rv-probe-chooser .rv-thumb[data-probe='3']").click()
+    page.wait_for_selector(".rv-tab-network .rv-net[data-probe='3']")
+    assert img.get_attribute("src") != src0
+    assert page.locator(".rv-tab-network .rv-net").first.get_attribute("data-key") != key0
+    assert page.locator(".rv-probe-chooser .rv-thumb.rv-active[data-probe='3']").count() == 1
+    _shot(page.locator(".rv-probe-chooser"), "probes")
+    # a click on a tile opens the filter detail
+    page.locator(".rv-tab-network .rv-layer[data-layer='conv2'] .rv-grid-acts .rv-tile").nth(1).click()
+    page.wait_for_selector(".rv-filter-detail .rv-fd[data-filter]")
+    assert page.locator(".rv-filter-detail .rv-fd-acts .rv-fd-cell").count() == 10
+    page.wait_for_timeout(300)
+    _shot(page.locator(".rv-filter-detail-view"), "filter_detail")
+
+
+def test_compare_shows_two_runs(page: Any, server: str, recorded: dict[str, Any]) -> None:
+    _open(page, f"{server}/main?run={recorded['fork']}&epoch=2")
+    _tab(page, "Compare")
+    page.wait_for_selector(".rv-compare-side-a .rv-net[data-epoch='2']")
+    page.wait_for_selector(".rv-compare-side-b .rv-net[data-epoch='2']")
+    text = _text(page.locator(".rv-compare"))
+    assert "root" in text and "conv1-frozen" in text and "B − A" in text
+    # the fork added two conv2 filters: 12 tiles against 10
+    assert page.locator(".rv-compare-side-a .rv-layer[data-layer='conv2'] .rv-tile").count() == 10
+    assert page.locator(".rv-compare-side-b .rv-layer[data-layer='conv2'] .rv-tile").count() == 12
+    page.wait_for_timeout(400)
+    _shot(page.locator(".rv-compare"), "compare")
+
+
+def test_other_views_render(page: Any, server: str, recorded: dict[str, Any]) -> None:
+    _open(page, f"{server}/main?run={recorded['fork']}&epoch=3")
+    _tab(page, "Embedding")
+    page.wait_for_selector(".rv-embedding-title b")
+    page.wait_for_timeout(500)
+    _shot(page.locator(".rv-embedding"), "embedding")
+    page.locator(".rv-embedding-mode button", has_text="all layers").click()
+    page.get_by_text("all conv layers").first.wait_for()
+    page.wait_for_timeout(500)
+    _shot(page.locator(".rv-embedding"), "embedding_layers")
+    _tab(page, "Curves")
+    page.wait_for_timeout(800)
+    _shot(page.locator(".rv-curves"), "curves")
+    _tab(page, "Events")
+    page.wait_for_selector(".rv-event-log .rv-table")
+    assert "freeze" in _text(page.locator(".rv-event-log"))
+    _shot(page.locator(".rv-event-log"), "events")
+
+
+def test_sql_console(page: Any, server: str) -> None:
+    _open(page, f"{server}/main")
+    _tab(page, "SQL")
+    page.wait_for_selector(".rv-sql-ok")  # the first example runs when the tab opens
+    box = page.locator(".rv-sql-input textarea")
+    box.fill("SELECT run_id, epoch, val_accuracy FROM epochs ORDER BY run_id, epoch")
+    page.locator(".rv-sql-run button").click()
+    page.get_by_text("7 rows").first.wait_for()
+    assert page.locator(".rv-sql-results .tabulator-row").count() == 7
+    page.wait_for_timeout(400)
+    _shot(page.locator(".rv-sql-console"), "sql")
+    box.fill("SELECT * FROM read_csv('/etc/passwd')")
+    page.locator(".rv-sql-run button").click()
+    page.wait_for_selector(".rv-sql-error")
+    assert "cannot read or write files" in _text(page.locator(".rv-sql-error"))
+    assert "root:x:0:0" not in page.content()
+    assert "root:x:0:0" not in _text(page.locator("body"))
+    assert page.locator(".rv-sql-results .tabulator-row").count() == 0
+
+
+@pytest.mark.parametrize("route, css, text", [
+    ("empty", ".rv-empty-store", "no runs yet"),
+    ("single", ".rv-single-epoch", "single recorded epoch"),
+    ("running", ".rv-running", "still being written"),
+])
+def test_special_stores_show_a_message(page: Any, server: str, special: dict[str, Path], route: str, css: str,
+                                      text: str) -> None:
+    if route == "running":  # the synthetic trainer is this process: keep its heartbeat fresh
+        import revacnn
+        from revacnn.storage import RunWriter
+
+        store = revacnn.open_store(special["running"], mode="r")
+        RunWriter(store, store.run_ids()[0]).heartbeat(every_s=0)
+    page.goto(f"{server}/{route}")
+    page.wait_for_selector(css)
+    assert text in _text(page.locator(css))
+    if route != "empty":
+        page.wait_for_selector(".rv-tab-network .rv-net[data-epoch]")
+    if route == "single":
+        _shot(page.locator(".rv-main"), "single_epoch")
+
+
+def test_corrupt_epoch_shows_a_message(page: Any, server: str, recorded: dict[str, Any]) -> None:
+    _open(page, f"{server}/corrupt?run={recorded['root']}&epoch=2")
+    err = page.locator(".rv-tab-network .rv-layer[data-layer='conv2'] .rv-layer-error")
+    assert "corrupt" in _text(err)
+    assert page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts .rv-tile").count() == 8
+    page.locator(".rv-epoch-player .rv-next").click()  # the next epoch is fine
+    page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='3']")
+    assert page.locator(".rv-tab-network .rv-layer-error").count() == 0
+
+
+def test_tile_images_are_real_pictures(page: Any, server: str, recorded: dict[str, Any]) -> None:
+    """The sprite behind the tiles decodes to an image with one tile per filter."""
+    _open(page, f"{server}/main?run={recorded['root']}&epoch=3")
+    style = page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts").first.get_attribute("style")
+    uri = style.split("url('", 1)[1].split("')", 1)[0]
+    assert uri.startswith("data:image/png;base64,")
+    size = page.evaluate(
+        "async (src) => { const img = new Image(); img.src = src; await img.decode();"
+        " return [img.naturalWidth, img.naturalHeight]; }", uri)
+    assert size == [8 * (32 + 2), 32 + 2]  # eight 32x32 tiles, each with a 1-pixel edge
+
+
+def test_no_errors_in_the_browser_console(console_log: list[tuple[str, str]]) -> None:
+    """Runs last in this file: nothing above logged an error or an uncaught exception."""
+    errors = [(t, m) for t, m in console_log if t in ("error", "pageerror")]
+    assert console_log, "no console messages were collected"
+    assert not errors, errors
