@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=5006)
     sv.add_argument("--address", default="127.0.0.1")
     sv.add_argument("--show", action="store_true", help="open a browser")
+    sv.add_argument("--basic-auth", default=None, metavar="PASSWORD|FILE",
+                    help="require a login (needed for steering when --address is not 127.0.0.1)")
 
     d = sub.add_parser("demo", help="record the demo session (a root run and a fork), then serve the app")
     _store_arg(d)
@@ -251,7 +253,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .ui.serve import serve
 
     open_store(args.store, mode="a")
-    return serve(args.app, store=args.store, port=args.port, address=args.address, show=args.show)
+    return serve(args.app, store=args.store, port=args.port, address=args.address, show=args.show,
+                 basic_auth=args.basic_auth)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

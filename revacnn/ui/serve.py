@@ -29,7 +29,11 @@ def app_factory(app: str, store: str) -> Callable[[], Any]:
     raise ValueError(f"Received: app={app!r} (expected one of {', '.join(APPS)})")
 
 
-def serve(app: str, *, store: str, port: int = 5006, address: str = "127.0.0.1", show: bool = False) -> int:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(app: str, *, store: str, port: int = 5006, address: str = "127.0.0.1", show: bool = False,
+          basic_auth: str | None = None) -> int:
     """Serve ``app`` on ``http://address:port/<app>`` (also at ``/``) until interrupted.
 
     Args:
@@ -38,6 +42,8 @@ def serve(app: str, *, store: str, port: int = 5006, address: str = "127.0.0.1",
         port: the TCP port (0 picks a free one).
         address: the interface to listen on (default: this machine only).
         show: open a browser.
+        basic_auth: a password (or a JSON file of users) for Panel's basic auth. Served on a
+            non-loopback address without it, the live app disables steering and says why.
 
     Returns:
         The exit code: 0 after a normal stop, 2 for a bad argument.
@@ -52,15 +58,25 @@ def serve(app: str, *, store: str, port: int = 5006, address: str = "127.0.0.1",
         return 2
     store = str(Path(store).absolute())
     os.environ.setdefault("REVACNN_STORE", store)
-    factory = app_factory(app, store)
+    allow_steering = address in LOOPBACK or bool(basic_auth)
+    factories = {
+        "replay": app_factory("replay", store),
+        "live": _live_factory(store, allow_steering),
+    }
     if not port:
         port = free_port(address)
     origins = sorted({f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"})
     print(f"revacnn {app} app: http://{address}:{port}/{app}  (store {store}; Ctrl-C to stop)", flush=True)
+    if not allow_steering:
+        print(f"Listening on {address} without --basic-auth: steering is disabled in the live app.", flush=True)
+    extra: dict[str, Any] = {}
+    if basic_auth:
+        extra.update(basic_auth=basic_auth, cookie_secret=os.environ.get("REVACNN_COOKIE_SECRET")
+                     or os.urandom(24).hex())
     try:
         pn.serve(
-            {"/": factory, app: factory}, port=port, address=address, show=show, threaded=False,
-            title=f"revacnn · {app}", websocket_origin=origins, verbose=False,
+            {"/": factories[app], **factories}, port=port, address=address, show=show, threaded=False,
+            title=f"revacnn · {app}", websocket_origin=origins, verbose=False, **extra,
         )
     except OSError as exc:
         sys.stderr.write(f"revacnn serve: error: cannot listen on {address}:{port}: {exc}\n")
@@ -68,6 +84,15 @@ def serve(app: str, *, store: str, port: int = 5006, address: str = "127.0.0.1",
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _live_factory(store: str, allow_steering: bool) -> Callable[[], Any]:
+    def build() -> Any:
+        from .live import create_live_app
+
+        return create_live_app(store, allow_steering=allow_steering)
+
+    return build
 
 
 def free_port(address: str = "127.0.0.1") -> int:
