@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     t_det: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.rounds):
         for det in (False, True):
-            (tf.config.experimental.enable_op_determinism if det
-             else tf.config.experimental.disable_op_determinism)()
+            from tensorflow.python.framework import config as tf_config  # no public "disable"
+
+            (tf_config.enable_op_determinism if det else tf_config.disable_op_determinism)()
             trainer.rebuild(carry=True)
             epoch += 1
             trainer._train_epoch(epoch)  # traces the new step
