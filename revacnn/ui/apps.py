@@ -301,7 +301,8 @@ class ReplayApp(Viewer):
         if pn.state.curdoc is not None:
             pn.state.add_periodic_callback(self._poll, period=POLL_MS)
 
-    async def _poll(self) -> None:
+    def _poll(self) -> None:
+        """The periodic check: cheap (an int compare); the refresh itself runs without the lock."""
         try:
             version = self.data.version()
         except Exception:  # noqa: BLE001
@@ -309,6 +310,10 @@ class ReplayApp(Viewer):
         if version == self._version or self._busy:
             return
         self._version = version
+        pn.state.execute(self._refresh)
+
+    async def _refresh(self) -> None:
+        """Re-read the run list and the shown run after the store changed (new runs, epochs, events)."""
         try:
             if self.data.problem():
                 return

@@ -408,7 +408,7 @@ class StoreWatcher:
     _instances: dict[str, StoreWatcher] = {}
     _lock = threading.Lock()
 
-    def __init__(self, root: Path, interval_s: float = 1.0) -> None:
+    def __init__(self, root: Path, interval_s: float = 0.5) -> None:
         self.root = Path(root)
         self.interval_s = interval_s
         self.version = 0
@@ -419,7 +419,7 @@ class StoreWatcher:
         self._thread.start()
 
     @classmethod
-    def shared(cls, root: str | os.PathLike[str], interval_s: float = 1.0) -> StoreWatcher:
+    def shared(cls, root: str | os.PathLike[str], interval_s: float = 0.5) -> StoreWatcher:
         """The watcher of ``root`` (created on first use)."""
         key = str(Path(root).absolute())
         with cls._lock:

@@ -183,7 +183,6 @@ def test_player_changes_epoch_and_tiles(page: Any, server: str, recorded: dict[s
     before = _sigs(page)
     assert len(before) == 2 and all(before)
     _shot(page, "overview")
-    _shot(page.locator(".rv-epoch-player"), "player")
     page.locator(".rv-epoch-player .rv-next").click()
     page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='1']")
     after = _sigs(page)
@@ -219,6 +218,7 @@ def test_probe_choice_changes_the_network_view(page: Any, server: str, recorded:
 
 def test_compare_shows_two_runs(page: Any, server: str, recorded: dict[str, Any]) -> None:
     _open(page, f"{server}/main?run={recorded['fork']}&epoch=2")
+    _shot(page.locator(".rv-epoch-player"), "player")  # a fork: hatched inherited epochs, fork and event marks
     _tab(page, "Compare")
     page.wait_for_selector(".rv-compare-side-a .rv-net[data-epoch='2']")
     page.wait_for_selector(".rv-compare-side-b .rv-net[data-epoch='2']")

@@ -399,3 +399,19 @@ def test_serve_rejects_unknown_apps(capsys: pytest.CaptureFixture[str]) -> None:
 def test_empty_frame() -> None:
     f = NetworkFrame.empty("nothing")
     assert f.n_probes == 0 and f.layer("conv1") is None and f.message == "nothing"
+
+
+def test_running_run_is_followed(tmp_path: Path) -> None:
+    import asyncio
+
+    from revacnn.ui.apps import ReplayApp
+
+    ids = synthetic_store(tmp_path, epochs=1, fork=False, root_status="running")
+    app = ReplayApp(str(tmp_path))
+    assert app.bundle.epochs == [0, 1] and app.epoch == 1
+    w = RunWriter(open_store(tmp_path, mode="r"), ids["root"])
+    _write_epoch(w, np.random.default_rng(9), 2, {"conv1": np.arange(4), "conv2": np.arange(5)}, set(), 6)
+    app.data.watcher.check()
+    asyncio.run(app._refresh())
+    assert app.bundle.epochs == [0, 1, 2]
+    assert app.epoch == 2 and app.network.render_data()["epoch"] == 2  # it was on the last epoch: it follows
