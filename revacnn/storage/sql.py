@@ -41,7 +41,9 @@ EXAMPLE_QUERIES: dict[str, str] = {
     "Runs and their best validation accuracy": (
         "SELECT r.run_id, r.name, r.status, r.parent_run_id, r.fork_epoch,\n"
         "       max(e.epoch) AS epochs, max(e.val_accuracy) AS best_val_acc\n"
-        "FROM runs r LEFT JOIN epochs e USING (run_id)\nGROUP BY ALL ORDER BY r.created_at"
+        "FROM runs r LEFT JOIN epochs e USING (run_id)\n"
+        "GROUP BY r.run_id, r.name, r.status, r.parent_run_id, r.fork_epoch, r.created_at\n"
+        "ORDER BY r.created_at"
     ),
     "Dead filters (no gradient in the last epoch)": (
         "SELECT run_id, layer, filter_uid, grad_l1, act_mean FROM filters\n"

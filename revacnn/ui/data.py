@@ -468,6 +468,11 @@ class StoreWatcher:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if not self.root.exists():  # the store went away (a test's temporary folder): stop
+                with self._lock:
+                    if self._instances.get(str(self.root)) is self:
+                        del self._instances[str(self.root)]
+                return
             try:
                 self.check()
             except Exception:  # noqa: BLE001 - keep polling whatever a scan meets

@@ -171,3 +171,10 @@ def test_interrupted_status_when_the_trainer_is_gone(store):
     path.write_text(json.dumps(info))
     assert store.run(root).status == "interrupted"
     assert store.runs().set_index("run_id").status[root] == "interrupted"
+
+
+def test_every_example_query_runs(store):
+    from revacnn.storage import EXAMPLE_QUERIES
+
+    for title, query in EXAMPLE_QUERIES.items():
+        assert store.sql(query) is not None, title

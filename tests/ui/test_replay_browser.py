@@ -233,6 +233,16 @@ def test_compare_shows_two_runs(page: Any, server: str, recorded: dict[str, Any]
 
 def test_other_views_render(page: Any, server: str, recorded: dict[str, Any]) -> None:
     _open(page, f"{server}/main?run={recorded['fork']}&epoch=3")
+    _tab(page, "Curves")
+    page.wait_for_timeout(800)
+    _shot(page.locator(".rv-curves"), "curves")
+    _tab(page, "Events")
+    page.wait_for_selector(".rv-event-log .rv-table")
+    assert "freeze" in _text(page.locator(".rv-event-log"))
+    _shot(page.locator(".rv-event-log"), "events")
+    # another run from the picker; its embedding (conv1 still learns there)
+    page.locator(f".rv-run-picker .rv-run[data-run='{recorded['root']}']").click()
+    page.wait_for_selector(f".rv-run-header .rv-title-bar[data-run='{recorded['root']}']")
     _tab(page, "Embedding")
     page.wait_for_selector(".rv-embedding-title b")
     page.wait_for_timeout(500)
@@ -241,13 +251,6 @@ def test_other_views_render(page: Any, server: str, recorded: dict[str, Any]) ->
     page.get_by_text("all conv layers").first.wait_for()
     page.wait_for_timeout(500)
     _shot(page.locator(".rv-embedding"), "embedding_layers")
-    _tab(page, "Curves")
-    page.wait_for_timeout(800)
-    _shot(page.locator(".rv-curves"), "curves")
-    _tab(page, "Events")
-    page.wait_for_selector(".rv-event-log .rv-table")
-    assert "freeze" in _text(page.locator(".rv-event-log"))
-    _shot(page.locator(".rv-event-log"), "events")
 
 
 def test_sql_console(page: Any, server: str) -> None:

@@ -223,7 +223,7 @@ class EmbeddingView(Viewer):
         pts = np.concatenate(allpos)
         span = max(float(np.ptp(pts[:, 0])), float(np.ptp(pts[:, 1])), 1e-6)
         n_total = sum(lf.n_filters for lf in layers)
-        size = span * (0.075 if n_total <= 40 else 0.055 if n_total <= 120 else 0.035)
+        size = span * (0.1 if n_total <= 40 else 0.07 if n_total <= 120 else 0.045)
         img: dict[str, list[Any]] = {"image": [], "x": [], "y": [], "dw": [], "dh": []}
         circ: dict[str, list[Any]] = {k: [] for k in self._circ.data}
         for lf in layers:
@@ -249,7 +249,7 @@ class EmbeddingView(Viewer):
                     img["dh"].append(size)
                 circ["x"].append(x)
                 circ["y"].append(y)
-                circ["r"].append(size * (0.62 + 0.95 * np.sqrt(rel)))
+                circ["r"].append(size * (0.6 + 0.6 * np.sqrt(rel)))
                 circ["layer"].append(lf.name)
                 circ["index"].append(i)
                 circ["uid"].append(int(lf.uids[i]))
