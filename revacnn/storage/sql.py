@@ -54,7 +54,7 @@ EXAMPLE_QUERIES: dict[str, str] = {
         "SELECT run_id, epoch, layer, cluster_score, rgb_mono_fraction FROM layers\n"
         "ORDER BY run_id, layer, epoch"
     ),
-    "Steering events": "SELECT run_id, epoch, batch, kind, args, status, message FROM events ORDER BY at",
+    "Steering events": "SELECT run_id, epoch, batch, kind, args, status, message FROM events ORDER BY \"at\"",
     "Full history of every run (forks include their ancestors)": (
         "SELECT run_id, epoch, source_run_id, val_accuracy, cumulative_time_s\n"
         "FROM timeline ORDER BY run_id, epoch"
