@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os as _os
 
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hide the CUDA-probe noise on CPU machines
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from .config import TrainConfig  # noqa: E402
