@@ -351,5 +351,8 @@ def fork(
 
         shutil.rmtree(store.layout.run_dir(writer.run_id), ignore_errors=True)
         raise
-    trainer.run(start_epoch=epoch, epochs=config.epochs, record_start=True)
+    # the fork point's training metrics are those of the epoch the parent trained
+    m = rec.metrics
+    trainer.run(start_epoch=epoch, epochs=config.epochs, record_start=True,
+                start_train_metrics=(m.get("loss"), m.get("accuracy")))
     return store.run(writer.run_id)

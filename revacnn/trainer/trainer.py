@@ -283,7 +283,8 @@ class Trainer:
         """The data order of ``epoch``: a permutation fixed by (seed, epoch), so forks replay it."""
         return np.random.default_rng([int(self.config.seed), int(epoch)]).permutation(len(self.data.y_train)).astype(np.int32)
 
-    def run(self, *, start_epoch: int, epochs: int, record_start: bool = True) -> str:
+    def run(self, *, start_epoch: int, epochs: int, record_start: bool = True,
+            start_train_metrics: tuple[float | None, float | None] = (None, None)) -> str:
         """Record ``start_epoch`` (if asked), then train epochs ``start_epoch+1 .. epochs``.
 
         Returns:
@@ -293,7 +294,8 @@ class Trainer:
         message = None
         try:
             if record_start:
-                self.record(start_epoch, train_loss=None, train_acc=None, duration=0.0, n_batches=0)
+                loss0, acc0 = start_train_metrics
+                self.record(start_epoch, train_loss=loss0, train_acc=acc0, duration=0.0, n_batches=0)
             for epoch in range(start_epoch + 1, epochs + 1):
                 if not self._train_epoch(epoch):
                     status = "stopped"

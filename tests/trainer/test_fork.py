@@ -29,8 +29,8 @@ def test_fork_without_changes_replays_the_parent_exactly(parent):
     assert child.parent_run_id == root.run_id and child.fork_epoch == 2
     assert child.epochs() == [2, 3, 4]
     cols = "epoch, loss, accuracy, val_loss, val_accuracy, lr, step"
-    a = store.sql(f"SELECT {cols} FROM epochs WHERE run_id='{root.run_id}' AND epoch > 2 ORDER BY epoch")
-    b = store.sql(f"SELECT {cols} FROM epochs WHERE run_id='{child.run_id}' AND epoch > 2 ORDER BY epoch")
+    a = store.sql(f"SELECT {cols} FROM epochs WHERE run_id='{root.run_id}' AND epoch >= 2 ORDER BY epoch")
+    b = store.sql(f"SELECT {cols} FROM epochs WHERE run_id='{child.run_id}' AND epoch >= 2 ORDER BY epoch")
     assert a.equals(b), (a, b)
     for e in (2, 3, 4):
         for name in CONV:
