@@ -440,6 +440,11 @@ class Run:
         return model_from_checkpoint(load_checkpoint(self.checkpoint_path(epoch)))
 
 
+def _array(key: str) -> cached_property:
+    """A lazily read, cached array attribute of a `LayerRecord`."""
+    return cached_property(lambda self: self._get(key))
+
+
 @dataclass
 class LayerRecord:
     """One conv (or dense) layer of an epoch record; arrays are read lazily from Zarr.
@@ -473,41 +478,15 @@ class LayerRecord:
     def kind(self) -> str:
         return str(self.group.attrs.get("kind", "conv"))
 
-    @cached_property
-    def kernel(self) -> np.ndarray:
-        return self._get("kernel")
-
-    @cached_property
-    def bias(self) -> np.ndarray:
-        return self._get("bias")
-
-    @cached_property
-    def activations(self) -> np.ndarray:
-        return self._get("activations")
-
-    @cached_property
-    def grad_l1(self) -> np.ndarray:
-        return self._get("grad_l1")
-
-    @cached_property
-    def weight_change_l1(self) -> np.ndarray:
-        return self._get("weight_change_l1")
-
-    @cached_property
-    def act_mean(self) -> np.ndarray:
-        return self._get("act_mean")
-
-    @cached_property
-    def embedding(self) -> np.ndarray:
-        return self._get("embedding")
-
-    @cached_property
-    def layer_embedding(self) -> np.ndarray:
-        return self._get("layer_embedding")
-
-    @cached_property
-    def filter_uids(self) -> np.ndarray:
-        return self._get("filter_uids")
+    kernel = _array("kernel")
+    bias = _array("bias")
+    activations = _array("activations")
+    grad_l1 = _array("grad_l1")
+    weight_change_l1 = _array("weight_change_l1")
+    act_mean = _array("act_mean")
+    embedding = _array("embedding")
+    layer_embedding = _array("layer_embedding")
+    filter_uids = _array("filter_uids")
 
     @cached_property
     def frozen(self) -> np.ndarray:
