@@ -412,6 +412,10 @@ def test_running_run_is_followed(tmp_path: Path) -> None:
     w = RunWriter(open_store(tmp_path, mode="r"), ids["root"])
     _write_epoch(w, np.random.default_rng(9), 2, {"conv1": np.arange(4), "conv2": np.arange(5)}, set(), 6)
     app.data.watcher.check()
-    asyncio.run(app._refresh())
+    # in a fresh thread: an earlier test (Playwright's sync API) may leave a loop on this one
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, app._refresh()).result()
     assert app.bundle.epochs == [0, 1, 2]
     assert app.epoch == 2 and app.network.render_data()["epoch"] == 2  # it was on the last epoch: it follows
