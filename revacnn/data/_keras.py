@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from revacnn.data.cifar import CIFAR10_CLASSES
 from revacnn.errors import DatasetError
 
 __all__ = [
@@ -30,18 +31,7 @@ __all__ = [
 KERAS_DATASETS: tuple[str, ...] = ("cifar10", "mnist", "fashion_mnist")
 
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "cifar10": (
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ),
+    "cifar10": CIFAR10_CLASSES,
     "mnist": tuple(str(d) for d in range(10)),
     "fashion_mnist": (
         "T-shirt/top",
