@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+expect = pytest.importorskip("playwright.sync_api").expect
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
@@ -188,7 +190,7 @@ def test_click_freezes_conv1_and_both_pages_see_it(pages: list[Any], store: Any,
     # the other session sees the event and the badge too
     other.locator(".rv-event-log").get_by_text("conv1 frozen").wait_for()
     other.locator('.rv-layer[data-layer="conv1"] .rv-layer-frozen').wait_for()
-    assert other.get_by_role("button", name="Freeze layer", exact=True).is_disabled()
+    expect(other.get_by_role("button", name="Freeze layer", exact=True)).to_be_disabled(timeout=TIMEOUT_MS)
     # the store: conv1's kernel stays identical in every epoch recorded after the freeze
     ev = store.run(run_id).events()
     ev = ev[(ev["kind"] == "freeze") & (ev["status"] == "applied")]
@@ -246,7 +248,7 @@ def test_pause_resume_and_learning_rate(pages: list[Any], store: Any, run_id: st
     page.get_by_role("button", name="Pause", exact=True).click()
     result_text(page, r"applied.*paused")
     other.locator(".rv-run-status[data-status=paused]").wait_for()
-    assert page.get_by_role("button", name="Resume", exact=True).is_enabled()
+    expect(page.get_by_role("button", name="Resume", exact=True)).to_be_enabled(timeout=TIMEOUT_MS)
     page.get_by_role("button", name="Resume", exact=True).click()
     result_text(page, r"applied.*resumed")
     page.locator(".rv-run-status[data-status=running]").wait_for()
@@ -265,7 +267,7 @@ def test_stop_from_the_page_then_replay_is_offered(pages: list[Any], store: Any,
         banner = p.locator(".rv-run-ended")
         banner.get_by_text("stopped").first.wait_for(timeout=60_000)
         assert f"replay?run={run_id}" in banner.locator("a").first.get_attribute("href")
-        assert p.get_by_role("button", name="Pause", exact=True).is_disabled()
+        expect(p.get_by_role("button", name="Pause", exact=True)).to_be_disabled(timeout=TIMEOUT_MS)
     assert store.run(run_id).status == "stopped"
 
 
