@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ __all__ = [
     "CLUSTER_THRESHOLD",
     "CONVERGED_CKA",
     "CONVERGED_CHANGE",
+    "CONVERGED_STILL",
     "DEAD_ACTIVATION",
     "DEAD_GRADIENT",
     "DIAGNOSIS_KINDS",
@@ -40,6 +41,7 @@ __all__ = [
     "RGB_THRESHOLD",
     "Diagnosis",
     "LayerArrays",
+    "converged_layer",
     "diagnose_layer",
     "linear_cka",
     "relative_change",
@@ -60,13 +62,18 @@ REDUNDANT_COSINE: float = 0.98
 """Two filters are near-duplicates when the cosine similarity of their weight vectors (kernel and
 bias) is at least this. Random 3x3x3 filters (27 weights) exceed 0.98 with probability < 1e-15."""
 
-CONVERGED_CHANGE: float = 0.02
-"""A layer stopped changing when its weights moved less than this fraction of their norm in the
-epoch (``|W_e - W_{e-1}| / |W_{e-1}|``)..."""
+CONVERGED_CHANGE: float = 0.35
+"""A layer stopped changing when its relative weight change in the epoch
+(``|W_e - W_{e-1}| / |W_{e-1}|``) fell to at most this fraction of the largest per-epoch change it
+had earlier in the run. Relative to the layer's own peak, because the absolute change per epoch
+scales with the number of steps per epoch and the learning rate; under Adam it never reaches 0."""
 
-CONVERGED_CKA: float = 0.99
-"""...and its probe activations are this similar to the previous epoch's (linear CKA, 1 = the same
-representation up to rotation and scale)."""
+CONVERGED_STILL: float = 1e-6
+"""A relative change at or below this is no change at all (a frozen layer), whatever the peak."""
+
+CONVERGED_CKA: float = 0.98
+"""...and its probe activations are at least this similar to the previous epoch's (linear CKA,
+1 = the same representation up to rotation and scale)."""
 
 CLUSTER_THRESHOLD: float = 0.15
 """`cluster_score` at or above which a layer shows the paper's cluster pattern (filters collapsing
@@ -129,6 +136,8 @@ class LayerArrays:
         frozen: whether the layer is frozen.
         sees_rgb: whether the layer's input is the RGB image.
         lr: the run's learning rate (for a cluster-pattern suggestion), or None.
+        peak_change: the largest relative weight change per epoch the layer had before this
+            epoch (see `CONVERGED_CHANGE`), or None when unknown.
     """
 
     name: str
@@ -143,7 +152,7 @@ class LayerArrays:
     frozen: bool = False
     sees_rgb: bool = False
     lr: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    peak_change: float | None = None
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -248,6 +257,18 @@ def _redundant(a: LayerArrays, skip: set[int]) -> list[Diagnosis]:
     return out
 
 
+def converged_layer(a: LayerArrays) -> Diagnosis | None:
+    """The `converged` finding for one layer alone, or None (what ``--auto-freeze`` asks).
+
+    Example:
+        >>> k = np.ones((2, 3, 3, 3))
+        >>> converged_layer(LayerArrays("conv1", k, None, None, None, [0, 1], prev_kernel=k)).kind
+        'converged'
+    """
+    found = _converged(a)
+    return found[0] if found else None
+
+
 def _converged(a: LayerArrays) -> list[Diagnosis]:
     if a.prev_kernel is None or np.shape(a.prev_kernel) != np.shape(a.kernel):
         return []
@@ -256,18 +277,22 @@ def _converged(a: LayerArrays) -> list[Diagnosis]:
     if a.activations is not None and a.prev_activations is not None and \
             np.shape(a.activations) == np.shape(a.prev_activations):
         cka = linear_cka(a.activations, a.prev_activations)
-    if change >= CONVERGED_CHANGE or (cka is not None and cka < CONVERGED_CKA):
+    still = change <= CONVERGED_STILL
+    peak = a.peak_change
+    if not still and not peak:
+        return []  # no earlier change to compare with: too early to tell
+    ratio = 0.0 if still else change / peak
+    if not still and (ratio > CONVERGED_CHANGE or cka is None or cka < CONVERGED_CKA):
         return []
     cka_txt = f", activation CKA {cka:.4f}" if cka is not None else ""
+    what = f"weight change {change:.2e}, {ratio:.0%} of its peak{cka_txt}"
     if a.frozen:
-        msg = f"{a.name} is frozen (weight change {change:.2e}{cka_txt})"
-        suggestion = None
+        msg, suggestion = f"{a.name} is frozen ({what})", None
     else:
-        msg = f"{a.name} stopped changing (weight change {change:.2e}{cka_txt}): freeze it to save time"
+        msg = f"{a.name} stopped changing ({what}): freeze it to save time"
         suggestion = {"op": "freeze", "args": {"layer": a.name}}
-    return [Diagnosis(layer=a.name, kind="converged", score=1.0 - min(change / CONVERGED_CHANGE, 1.0),
-                      message=msg, suggestion=suggestion,
-                      )]
+    return [Diagnosis(layer=a.name, kind="converged", score=1.0 - ratio, message=msg,
+                      suggestion=suggestion)]
 
 
 def _cluster(a: LayerArrays) -> list[Diagnosis]:

@@ -96,6 +96,7 @@ def fit(
     progress: bool = True,
     embeddings: bool = True,
     deterministic: bool = True,
+    auto_freeze: bool = False,
 ) -> Run:
     """Train a Keras model and record every epoch (epoch 0 = initialisation) into a store.
 
@@ -116,6 +117,7 @@ def fit(
         progress: show a progress bar.
         embeddings: compute t-SNE embeddings of the filters.
         deterministic: enable TF op determinism (exact replays of forks and resumes).
+        auto_freeze: freeze converged conv layers bottom-up, as recorded events (docs/diagnoses.md).
 
     Returns:
         The recorded `Run`.
@@ -141,7 +143,7 @@ def fit(
         dataset="custom", model="custom", epochs=epochs, batch_size=batch_size,
         lr=float(np.asarray(optimizer.learning_rate)), optimizer=type(optimizer).__name__.lower(),
         train_size=len(x), val_size=len(xv), probes=probes, seed=seed, name=name,
-        embeddings=embeddings, deterministic=deterministic,
+        embeddings=embeddings, deterministic=deterministic, auto_freeze=bool(auto_freeze),
     )
     _setup_determinism(cfg)
     src_x, src_y = (xv, yv) if len(yv) else (x, y)
@@ -248,7 +250,8 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     trainer = Trainer(
         model=model, optimizer=optimizer, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
         data=_data_for(run, config, data), probe_images=images, probe_labels=labels, writer=writer,
-        config=config, state=tstate, tracker_state=state.get("tracker"), progress=progress,
+        config=config, state=tstate, tracker_state=state.get("tracker"),
+            doctor_state=state.get("doctor"), progress=progress,
     )
     trainer.recorder._prev = _prev_from_model(trainer)
     trainer.run(start_epoch=last, epochs=config.epochs, record_start=False)
@@ -281,6 +284,7 @@ def fork(
     progress: bool = True,
     data: Any = None,
     on_start: Any = None,
+    auto_freeze: bool | None = None,
 ) -> Run:
     """Branch a new run from ``run_id``'s recorded ``epoch`` with ``changes`` applied at that point.
 
@@ -292,6 +296,7 @@ def fork(
         epochs: the total epochs of the fork's history (default: the parent's).
         lr: a new learning rate from the fork point on.
         name: the fork's name.
+        auto_freeze: freeze converged layers bottom-up from the fork point on (default: as the parent).
 
     Returns:
         The new `Run`.
@@ -314,6 +319,8 @@ def fork(
             raise ConfigError(f"Received: lr={lr!r} (expected a number > 0)")
         config.lr = float(lr)
     config.name = name
+    if auto_freeze is not None:
+        config.auto_freeze = bool(auto_freeze)
     config.extra = {"fork_changes": [c.to_json() for c in changes]}
     _setup_determinism(config)
     source = store.run(rec.run_id)
@@ -331,7 +338,8 @@ def fork(
         trainer = Trainer(
             model=model, optimizer=optimizer, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
             data=data_, probe_images=images, probe_labels=labels, writer=writer, config=config,
-            state=tstate, tracker_state=state.get("tracker"), progress=progress,
+            state=tstate, tracker_state=state.get("tracker"),
+            doctor_state=state.get("doctor"), progress=progress,
         )
         trainer.recorder._prev = _prev_from_model(trainer)
         from ..steering.ops import apply

@@ -65,7 +65,7 @@ class Recorder:
         embedding_features: str = "weights",
         tracker_state: dict[str, Any] | None = None,
         prev_kernels: dict[str, dict[int, np.ndarray]] | None = None,
-        init_kernels: dict[str, dict[int, np.ndarray]] | None = None,
+        doctor_state: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         self.writer = writer
@@ -83,8 +83,15 @@ class Recorder:
                 log.exception("embeddings disabled")
                 self.tracker = None
         self._prev: dict[str, dict[int, np.ndarray]] = prev_kernels or {}
-        # for the doctor: each conv filter's first recorded kernel, and the last epoch's activations
-        self._init: dict[str, dict[int, np.ndarray]] = init_kernels or {}
+        # The doctor's memory: each layer's largest per-epoch relative change so far, the initial
+        # kernel of every filter of a layer that sees RGB (by uid), the last epoch's activations.
+        # The first two travel with each checkpoint, so forks and resumes judge as the parent did.
+        doctor_state = doctor_state or {}
+        self._peak: dict[str, float] = dict(doctor_state.get("peak", {}))
+        self._init: dict[str, dict[int, np.ndarray]] = {
+            layer: {int(u): np.asarray(k, np.float32) for u, k in by_uid.items()}
+            for layer, by_uid in doctor_state.get("init", {}).items()
+        }
         self._prev_acts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._queue: queue.Queue[Any] = queue.Queue()
         self.errors: list[str] = []
@@ -106,6 +113,14 @@ class Recorder:
 
     def tracker_state(self) -> dict[str, Any] | None:
         return self.tracker.state_dict() if self.tracker is not None else None
+
+    def doctor_state(self) -> dict[str, Any]:
+        """What the doctor remembers across epochs (JSON-able), saved with each checkpoint."""
+        return {
+            "peak": dict(self._peak),
+            "init": {layer: {str(u): k.tolist() for u, k in by_uid.items()}
+                     for layer, by_uid in self._init.items()},
+        }
 
     def close(self, timeout: float | None = None) -> None:
         """Finish every queued write, then stop the worker."""
@@ -283,6 +298,7 @@ class Recorder:
         w = self.writer
         if snap.checkpoint is not None:
             snap.checkpoint.state["tracker"] = self.tracker_state()
+            snap.checkpoint.state["doctor"] = self.doctor_state()
             w.write_checkpoint(epoch, to_arrays(snap.checkpoint))
         w.write_arrays(epoch, arrays, {"metrics": _jsonable(snap.metrics)}, extra={"predictions": probs})
         w.write_rows("layers", epoch, layer_rows)
@@ -301,13 +317,17 @@ class Recorder:
         A record that trained nothing (epoch 0, a fork point) has no epoch-over-epoch change to
         judge, so `converged` is not asked there; nor is the gradient part of `dead`.
         """
-        from ..analysis.doctor import LayerArrays, diagnose_layer
+        from ..analysis.doctor import LayerArrays, diagnose_layer, relative_change
 
         try:
             uids = [int(u) for u in L.uids.tolist()]
-            init = self._init.setdefault(L.name, {})
-            for i, u in enumerate(uids):
-                init.setdefault(u, k[i].astype(np.float32))
+            sees_rgb = bool(L.rgb_input and k.shape[-1] == 3)
+            init_kernel = None
+            if sees_rgb:
+                init = self._init.setdefault(L.name, {})
+                for i, u in enumerate(uids):
+                    init.setdefault(u, k[i].astype(np.float32))
+                init_kernel = np.stack([init[u] for u in uids])
             flat_prev = [prev.get(u) for u in uids]
             prev_kernel = None
             if flat_prev and all(p is not None and p.size == k[0].size + (L.bias is not None) for p in flat_prev):
@@ -322,10 +342,14 @@ class Recorder:
                 name=L.name, kernel=k, bias=L.bias, activations=acts,
                 grad_l1=L.grad_l1 if trained and float(np.sum(L.grad_l1)) > 0 else None,
                 uids=uids, prev_kernel=prev_kernel, prev_activations=prev_acts,
-                init_kernel=np.stack([init[u] for u in uids]), frozen=bool(L.layer_frozen),
-                sees_rgb=bool(L.rgb_input and k.shape[-1] == 3),
+                init_kernel=init_kernel, frozen=bool(L.layer_frozen), sees_rgb=sees_rgb,
                 lr=float(lr) if isinstance(lr, (int, float)) else None,
+                peak_change=self._peak.get(L.name),
             )
+            if prev_kernel is not None:
+                change = relative_change(k, prev_kernel)
+                if np.isfinite(change):
+                    self._peak[L.name] = max(self._peak.get(L.name, 0.0), change)
             rows = []
             for d in diagnose_layer(arrays):
                 row = d.to_row()

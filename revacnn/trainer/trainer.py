@@ -15,6 +15,7 @@ import tensorflow as tf
 from ..config import TrainConfig
 from ..models import weighted_layers
 from ..storage import RunWriter, Store
+from .autofreeze import AutoFreezer
 from .checkpoint import capture
 from .recorder import EpochSnapshot, LayerSnapshot, Recorder
 from .step import LayerSpec, StepState, build_eval_step, build_probe_step, build_train_step
@@ -45,6 +46,8 @@ class TrainerState:
         frozen_layers: layers left out of the gradient computation.
         frozen_filters: per layer, uids of single frozen filters.
         cumulative_time_s: training seconds of this run's full history up to ``epoch``.
+        convergence_peak: per conv layer, its largest relative weight change per epoch so far
+            (``--auto-freeze`` judges convergence against it).
     """
 
     epoch: int = 0
@@ -53,6 +56,7 @@ class TrainerState:
     frozen_layers: list[str] = field(default_factory=list)
     frozen_filters: dict[str, list[int]] = field(default_factory=dict)
     cumulative_time_s: float = 0.0
+    convergence_peak: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +66,7 @@ class TrainerState:
             "frozen_layers": list(self.frozen_layers),
             "frozen_filters": self.frozen_filters,
             "cumulative_time_s": self.cumulative_time_s,
+            "convergence_peak": dict(self.convergence_peak),
         }
 
     @classmethod
@@ -73,6 +78,7 @@ class TrainerState:
             frozen_layers=list(d.get("frozen_layers", [])),
             frozen_filters={k: [int(u) for u in v] for k, v in d.get("frozen_filters", {}).items()},
             cumulative_time_s=float(d.get("cumulative_time_s", 0.0)),
+            convergence_peak={k: float(v) for k, v in d.get("convergence_peak", {}).items()},
         )
 
 
@@ -95,6 +101,7 @@ class Trainer:
         config: TrainConfig,
         state: TrainerState | None = None,
         tracker_state: dict[str, Any] | None = None,
+        doctor_state: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
         self.model = model
@@ -124,6 +131,7 @@ class Trainer:
             embeddings=config.embeddings,
             embedding_features=config.embedding_features,
             tracker_state=tracker_state,
+            doctor_state=doctor_state,
             seed=config.seed,
         )
         self.paused = False
@@ -137,6 +145,7 @@ class Trainer:
         from ..steering.channel import CommandQueue
 
         self.commands = CommandQueue(self.store, self.run_id)
+        self.auto_freezer = AutoFreezer() if config.auto_freeze else None
         self.rebuild()
 
     # ------------------------------------------------------------------ structure
@@ -278,6 +287,9 @@ class Trainer:
             "n_batches": n_batches,
             "step": int(np.asarray(self.optimizer.iterations)),
         }
+        if self.auto_freezer is not None and n_batches:
+            # before the snapshot: the epoch's record and checkpoint already hold the freeze
+            self.auto_freezer.check(self, epoch, n_batches)
         self.recorder.submit(self.snapshot(epoch, metrics))
 
     # ------------------------------------------------------------------ loop
@@ -295,6 +307,8 @@ class Trainer:
         status = "failed"
         message = None
         try:
+            if self.auto_freezer is not None:
+                self.auto_freezer.prime(self)  # the model as it starts is "the previous epoch"
             if record_start:
                 loss0, acc0 = start_train_metrics
                 self.record(start_epoch, train_loss=loss0, train_acc=acc0, duration=0.0, n_batches=0)

@@ -97,10 +97,28 @@ def test_a_layer_frozen_by_hand_reads_converged_and_a_training_one_does_not(heal
     unfrozen = LayerArrays("conv1", k, b, acts, rng.uniform(1, 2, 8), list(range(8)),
                            prev_kernel=k.copy(), prev_activations=acts.copy())
     assert diagnose_layer(unfrozen)[0].suggestion == {"op": "freeze", "args": {"layer": "conv1"}}
-    k2 = k + rng.normal(0, 0.1, k.shape)  # a third of the norm: still learning
+    k2 = k + rng.normal(0, 0.1, k.shape)  # a third of the norm in one epoch: still learning
     moving = LayerArrays("conv1", k2, b, _relu_acts(k2, b, images), rng.uniform(1, 2, 8),
                          list(range(8)), prev_kernel=k, prev_activations=acts)
     assert diagnose_layer(moving) == []
+
+
+def test_converged_is_judged_against_the_layers_own_peak_change(healthy):
+    k, b, images, rng = healthy
+    acts = _relu_acts(k, b, images)
+    step = rng.normal(0, 1, k.shape)
+    step *= 0.01 * np.linalg.norm(k) / np.linalg.norm(step)  # a 1 % move of the weights
+    k2 = k + step
+    acts2 = _relu_acts(k2, b, images)
+    assert linear_cka(acts2, acts) > 0.99
+
+    def judge(peak):
+        return diagnose_layer(LayerArrays("conv1", k2, b, acts2, rng.uniform(1, 2, 8), list(range(8)),
+                                          prev_kernel=k, prev_activations=acts, peak_change=peak))
+
+    assert _kinds(judge(0.10)) == [("converged", None)]  # 10 % of the peak: it stopped moving
+    assert judge(0.02) == []  # half of the peak: still learning
+    assert judge(None) == []  # no history: nothing to compare with
 
 
 def test_colour_dropped_input_shows_the_rgb_pattern_on_what_training_changed(healthy):
