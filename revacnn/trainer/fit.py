@@ -334,7 +334,7 @@ def fork(
             state=tstate, tracker_state=state.get("tracker"), progress=progress,
         )
         trainer.recorder._prev = _prev_from_model(trainer)
-        from ..steering.ops import apply
+        from .steer import apply
 
         if lr is not None:
             trainer.optimizer.learning_rate = float(lr)
