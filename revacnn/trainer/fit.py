@@ -342,7 +342,7 @@ def fork(
             doctor_state=state.get("doctor"), progress=progress,
         )
         trainer.recorder._prev = _prev_from_model(trainer)
-        from ..steering.ops import apply
+        from .steer import apply
 
         if lr is not None:
             trainer.optimizer.learning_rate = float(lr)

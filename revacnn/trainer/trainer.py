@@ -387,7 +387,7 @@ class Trainer:
 
     def _between_batches(self, epoch: int, batch: int) -> None:
         """Apply pending steering commands; while paused, wait here (still answering commands)."""
-        from ..steering.ops import apply_pending
+        from .steer import apply_pending
 
         apply_pending(self, epoch, batch)
         while self.paused and not self.stop_requested:

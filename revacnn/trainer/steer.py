@@ -1,80 +1,19 @@
-"""Steering operations: parse them, check them against the run, and apply them to a live trainer."""
+"""Applying steering commands to a live trainer: checks against the run, surgery, and the events."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import RevacnnError, SteeringError
-from .channel import Command
+from ..steering.commands import OPS, Command
 
 if TYPE_CHECKING:
-    from ..trainer.trainer import Trainer
+    from .trainer import Trainer
 
 log = logging.getLogger("revacnn.steering")
-
-#: op -> argument names (``indices`` takes the rest of the words)
-OPS: dict[str, tuple[str, ...]] = {
-    "freeze": ("layer",),
-    "unfreeze": ("layer",),
-    "freeze-filters": ("layer", "indices"),
-    "unfreeze-filters": ("layer", "indices"),
-    "add-filters": ("layer", "n"),
-    "delete-filters": ("layer", "indices"),
-    "reinit-filters": ("layer", "indices"),
-    "set-lr": ("lr",),
-    "pause": (),
-    "resume": (),
-    "stop": (),
-}
-
-
-def parse(op: str, words: Sequence[str], *, init: str | None = None) -> Command:
-    """Build a `Command` from CLI words, e.g. ``parse("delete-filters", ["conv2", "3", "5"])``.
-
-    Raises:
-        SteeringError: unknown op or malformed arguments.
-    """
-    if op not in OPS:
-        raise SteeringError(f"Unknown steering op. Received: op={op!r} (expected one of {', '.join(OPS)})")
-    names = OPS[op]
-    args: dict[str, Any] = {}
-    words = list(words)
-    for i, name in enumerate(names):
-        if name == "indices":
-            rest = [w for part in words[i:] for w in str(part).replace(",", " ").split()]
-            if not rest:
-                raise SteeringError(f"{op} needs filter indices. Received: {' '.join(words) or 'nothing'}")
-            try:
-                args["indices"] = [int(w) for w in rest]
-            except ValueError:
-                raise SteeringError(f"{op}: indices must be integers. Received: {' '.join(rest)}") from None
-            break
-        if i >= len(words):
-            raise SteeringError(f"{op} needs {' '.join(n.upper() for n in names)}. Received: {' '.join(words) or 'nothing'}")
-        w = words[i]
-        if name == "n":
-            try:
-                args["n"] = int(w)
-            except ValueError:
-                raise SteeringError(f"{op}: N must be an integer. Received: {w!r}") from None
-        elif name == "lr":
-            try:
-                args["lr"] = float(w)
-            except ValueError:
-                raise SteeringError(f"set-lr: X must be a number. Received: {w!r}") from None
-        else:
-            args[name] = w
-    if "indices" not in names and len(words) > len(names):
-        raise SteeringError(f"{op} takes {len(names)} argument(s). Received: {' '.join(words)}")
-    if init is not None:
-        if op not in ("add-filters",):
-            raise SteeringError(f"--init applies to add-filters only. Received: op={op!r}")
-        args["init"] = init
-    return Command(op=op, args=args)
 
 
 def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
@@ -176,7 +115,7 @@ def apply(trainer: Trainer, cmd: Command) -> str:
         trainer.rebuild(carry=True)
         verb = "frozen" if op == "freeze-filters" else "unfrozen"
         return f"{layer} filters {idx} {verb} ({len(cur)} frozen filters in the layer)"
-    from . import surgery
+    from ..steering import surgery
 
     if op == "add-filters":
         n = args.get("n")
