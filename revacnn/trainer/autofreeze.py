@@ -28,6 +28,7 @@ import numpy as np
 
 from ..analysis.doctor import LayerArrays, converged_layer, relative_change
 from ..models import weighted_layers
+from ..steering.commands import Command
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -84,11 +85,10 @@ class AutoFreezer:
         finding = converged_layer(arrays)
         if finding is None:
             return None
-        from ..steering.channel import Command
-        from ..steering.ops import apply
-
         cmd = Command(op="freeze", args={"layer": name, "source": "auto-freeze"})
         try:
+            from .steer import apply  # imports the trainer module: import at call time
+
             message = apply(trainer, cmd)
         except Exception as exc:  # a refused freeze must not stop training
             log.warning("auto-freeze of %s refused: %s", name, exc)
