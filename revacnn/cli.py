@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-size", type=_count, default=2000, metavar="N",
                    help="validation examples drawn from the validation split (default: %(default)s)")
     t.add_argument("--probes", type=_count, default=16, metavar="P",
-                   help="probe images whose activations are recorded every epoch, at most --val-size "
-                        "(default: %(default)s)")
+                   help="probe images whose activations are recorded every epoch, taken from the "
+                        "validation images (default: %(default)s)")
     t.add_argument("--seed", type=_seed, default=0, metavar="S",
                    help="seed of the weights, data order, dropout and probes (default: %(default)s)")
     t.add_argument("--name", type=_text, default=None,
@@ -312,11 +312,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_size=args.val_size, probes=args.probes, seed=args.seed, name=args.name,
         embeddings=not args.no_embeddings,
     ).validate()
-    if args.probes > args.val_size:
-        raise ConfigError(
-            f"Received: --probes {args.probes} with --val-size {args.val_size} "
-            "(expected at most as many probes as validation images)"
-        )
     if args.data_dir is not None and not Path(args.data_dir).exists():
         raise ConfigError(f"Received: --data-dir {args.data_dir} (no such folder or file)")
     store = _open(args, mode="a")

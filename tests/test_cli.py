@@ -88,7 +88,7 @@ BAD_INPUT = [
     (["train", "--train-size", "0"], "argument --train-size: expected an integer >= 1"),
     (["train", "--val-size", "-5"], "argument --val-size: expected an integer >= 1"),
     (["train", "--seed", "-1"], "argument --seed: expected an integer from 0 to 4294967295"),
-    (["train", "--probes", "32", "--val-size", "16"], "--probes 32 with --val-size 16"),
+    (["train", "--batch-size", "1.5"], "argument --batch-size: expected an integer, received '1.5'"),
     (["train", "--data-dir", "{missing}"], "--data-dir {missing} (no such folder or file)"),
     (["train", "--name", " "], "argument --name: expected a non-empty value"),
     (["train", "--store", "{file}"], "(a file; expected a store folder)"),
