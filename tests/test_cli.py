@@ -228,11 +228,16 @@ def test_the_real_command_exits_2_with_one_line(argv, request, tmp_path):
     argv, _ = _fill(argv, request, tmp_path)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    proc = subprocess.run([sys.executable, "-m", "revacnn.cli", *argv], capture_output=True, text=True,
+    # `python -m revacnn.cli`, and on the way out: was TensorFlow imported? (it need not be, to refuse)
+    script = ("import runpy, sys\nsys.argv[0] = 'revacnn'\ntry:\n"
+              "    runpy.run_module('revacnn.cli', run_name='__main__')\nfinally:\n"
+              "    print('tensorflow imported:', 'tensorflow' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 2, proc
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stdout.splitlines()[-1] == "tensorflow imported: False"
 
 
 def _subparsers():
