@@ -47,7 +47,7 @@ def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-_positive_int = _int_at_least(0)  # kept: other modules may import it
+_non_negative = _int_at_least(0)
 _count = _int_at_least(1)
 _port = _int_at_least(0, 65535)
 _seed = _int_at_least(0, 2**32 - 1)
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the Keras download cache)")
     t.add_argument("--model", default="convnetjs", choices=sorted(MODELS),
                    help="the built-in model (default: %(default)s)")
-    t.add_argument("--epochs", type=_positive_int, default=10, metavar="N",
+    t.add_argument("--epochs", type=_non_negative, default=10, metavar="N",
                    help="epochs to train; epoch 0, the initial state, is recorded too (default: %(default)s)")
     t.add_argument("--batch-size", type=_count, default=64, metavar="B",
                    help="examples per gradient step (default: %(default)s)")
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fork", help="branch a new run from a recorded epoch, with changes")
     _store_arg(f)
     f.add_argument("run", help="the parent run's id")
-    f.add_argument("--epoch", type=_positive_int, required=True, metavar="K",
+    f.add_argument("--epoch", type=_non_negative, required=True, metavar="K",
                    help="the parent's recorded epoch to branch from (required)")
     f.add_argument("--freeze", action="append", default=[], metavar="LAYER",
                    help="freeze a layer; repeat for more (default: none)")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial weights of the filters --add-filters adds (default: zero)")
     f.add_argument("--lr", type=_positive_float, default=None, metavar="X",
                    help="a new learning rate from the fork point on (default: the parent's)")
-    f.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+    f.add_argument("--epochs", type=_non_negative, default=None, metavar="N",
                    help="the final epoch, counted from the parent's start as in Keras "
                         "fit(initial_epoch=K, epochs=N): the fork trains epochs K+1..N "
                         "(default: the parent's final epoch)")
@@ -248,7 +248,7 @@ def _check_fork(store: Any, args: argparse.Namespace, changes: list[Any]) -> Non
         layer = cmd.args.get("layer")
         if layer not in counts:
             raise ConfigError(
-                f"Received: {cmd.op} {layer} (run {run.run_id} epoch {args.epoch} has layers "
+                f"Received: --{cmd.op} {layer} (run {run.run_id} epoch {args.epoch} has layers "
                 f"{', '.join(counts)})"
             )
         n = counts[layer]

@@ -101,7 +101,7 @@ BAD_INPUT = [
      "every filter of conv1"),
     (["fork", "{run}", "--epoch", "0", "--delete-filters", "conv1:99", "--store", "{store}"], "conv1 has 16 filters"),
     (["fork", "{run}", "--epoch", "0", "--delete-filters", "conv1:1,1", "--store", "{store}"], "duplicate"),
-    (["fork", "{run}", "--epoch", "0", "--freeze", "conv9", "--store", "{store}"], "freeze conv9"),
+    (["fork", "{run}", "--epoch", "0", "--freeze", "conv9", "--store", "{store}"], "--freeze conv9 (run "),
     (["fork", "{run}", "--epoch", "1", "--epochs", "0", "--store", "{store}"], "expected a final epoch >= 1"),
     (["fork", "{run}", "--epoch", "0", "--add-filters", "conv1:0", "--store", "{store}"], "expected N >= 1"),
     (["fork", "{run}", "--epoch", "0", "--add-filters", "conv1:many", "--store", "{store}"], "must be an integer"),
