@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,8 +22,9 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MEMORY_LIMIT = "1GB"  # DuckDB's own memory, per store; queries never spill to disk
-DEFAULT_MAX_ROWS = 1_000_000  # rows a query may return (bounds the memory of its pandas result)
 _CHUNK_VECTORS = 16  # DuckDB vectors (2,048 rows each) fetched per pandas chunk
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 TABLES = ("sessions", "runs", "epochs", "layers", "filters", "events", "probes", "predictions")
 
@@ -117,6 +119,22 @@ class _FileCache:
         return t
 
 
+def memory_bytes(limit: str) -> int:
+    """Bytes of a DuckDB-style memory size such as ``"1GB"`` or ``"512MiB"``.
+
+    Raises:
+        SQLError: the text is not such a size.
+
+    Example:
+        >>> memory_bytes("64MB")
+        64000000
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)\s*", str(limit).lower())
+    if not m or m.group(2) not in _UNITS:
+        raise SQLError(f"Received: memory_limit={limit!r} (expected a size such as '1GB' or '512MiB')")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
 def sandboxed_connection(
     load: Callable[[duckdb.DuckDBPyConnection], None],
     *,
@@ -181,7 +199,8 @@ class SQLEngine:
     Each query runs on an in-memory DuckDB database holding the store's tables, sealed by
     `sandboxed_connection`: a query cannot read or write any file (DuckDB's temp folder
     included), uses at most ``memory_limit`` of memory and ``timeout_s`` of time, and only
-    single SELECT statements are accepted, returning at most ``max_rows`` rows. The database is rebuilt when the store's files
+    single SELECT statements are accepted; a result may take at most ``memory_limit`` as a
+    DataFrame too. The database is rebuilt when the store's files
     change (new epochs, new runs) and reused otherwise.
 
     Example:
@@ -189,11 +208,11 @@ class SQLEngine:
     """
 
     def __init__(
-        self, store: Store, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, max_rows: int = DEFAULT_MAX_ROWS
+        self, store: Store, *, memory_limit: str = DEFAULT_MEMORY_LIMIT
     ) -> None:
         self._store = store
         self._memory_limit = memory_limit
-        self._max_rows = max_rows
+        self._max_result_bytes = memory_bytes(memory_limit)
         self._files = _FileCache()
         self._lock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
@@ -275,14 +294,14 @@ class SQLEngine:
         try:
             cur.execute(sql)
             parts = [cur.fetch_df_chunk(_CHUNK_VECTORS)]
-            n = len(parts[0])
-            while len(parts[-1]) and n <= self._max_rows:
+            size = int(parts[0].memory_usage(deep=True).sum())
+            while len(parts[-1]) and size <= self._max_result_bytes:
                 parts.append(cur.fetch_df_chunk(_CHUNK_VECTORS))
-                n += len(parts[-1])
-            if n > self._max_rows:
+                size += int(parts[-1].memory_usage(deep=True).sum())
+            if size > self._max_result_bytes:
                 raise SQLError(
-                    f"Query returns more than {self._max_rows:,} rows (the limit); "
-                    "aggregate, filter or add a LIMIT"
+                    f"Query result needs more than the memory limit of {self._memory_limit} "
+                    f"(more than {sum(len(c) for c in parts):,} rows so far); aggregate, filter or add a LIMIT"
                 )
             parts = [c for c in parts if len(c)] or parts[:1]
             return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)

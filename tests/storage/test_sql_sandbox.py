@@ -16,7 +16,7 @@ import pytest
 import revacnn
 from revacnn.errors import SQLError
 from revacnn.storage import RunWriter, create_session
-from revacnn.storage.sql import SQLEngine, sandboxed_connection
+from revacnn.storage.sql import SQLEngine, memory_bytes, sandboxed_connection
 
 TOKEN = f"secret-{uuid.uuid4().hex}"  # in every secret file, and in the name of every write target
 
@@ -244,13 +244,18 @@ def test_a_memory_hungry_query_is_stopped_without_spilling(sandbox, tmp_path, mo
 
 
 def test_results_are_bounded_and_whole(sandbox):
+    """A result is fetched in chunks, in order, none lost; one bigger than the memory limit is refused."""
     st, _, _ = sandbox
-    engine = SQLEngine(st, max_rows=100_000)
-    got = engine.query("SELECT range AS i FROM range(100000) ORDER BY i")
-    assert got.i.tolist() == list(range(100_000))  # several chunks, in order, none lost
-    with pytest.raises(SQLError, match="more than 100,000 rows"):
-        engine.query("SELECT * FROM range(100001)")
+    engine = SQLEngine(st, memory_limit="64MB")
+    got = engine.query("SELECT range AS i FROM range(200000) ORDER BY i", timeout_s=None)
+    assert got.i.tolist() == list(range(200_000))  # several chunks
     assert len(engine.query("SELECT * FROM range(0)")) == 0
+    # 9M rows of 8 bytes: little for DuckDB, which streams them, but 72 MB as a DataFrame
+    with pytest.raises(SQLError, match="result needs more than the memory limit of 64MB"):
+        engine.query("SELECT range AS i FROM range(9000000)", timeout_s=None)
+    assert memory_bytes("1GB") == 10**9 and memory_bytes("512MiB") == 2**29
+    with pytest.raises(SQLError, match="memory_limit='lots'"):
+        SQLEngine(st, memory_limit="lots")
 
 
 def test_sandboxed_connection_can_allow_named_files(tmp_path, monkeypatch):
