@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a human name for the run (default: none, the run id names it)")
     t.add_argument("--no-embeddings", action="store_true",
                    help="skip the t-SNE embeddings of the filters (default: computed)")
+    t.add_argument("--auto-freeze", action="store_true",
+                   help="freeze conv layers bottom-up once the filter doctor finds them converged, "
+                        "as recorded events (default: off; see docs/diagnoses.md)")
     t.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
 
     f = sub.add_parser("fork", help="branch a new run from a recorded epoch, with changes")
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the parent's final epoch)")
     f.add_argument("--name", type=_text, default=None,
                    help="a human name for the fork (default: none, the run id names it)")
+    f.add_argument("--auto-freeze", action="store_true", default=None,
+                   help="freeze converged conv layers bottom-up from the fork point on "
+                        "(default: as the parent)")
     f.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
 
     r = sub.add_parser("resume", help="continue an interrupted run from its last committed epoch")
@@ -310,7 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dataset=args.dataset, data_dir=args.data_dir, model=args.model, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, train_size=args.train_size,
         val_size=args.val_size, probes=args.probes, seed=args.seed, name=args.name,
-        embeddings=not args.no_embeddings,
+        embeddings=not args.no_embeddings, auto_freeze=args.auto_freeze,
     ).validate()
     if args.data_dir is not None and not Path(args.data_dir).exists():
         raise ConfigError(f"Received: --data-dir {args.data_dir} (no such folder or file)")
@@ -333,7 +339,8 @@ def cmd_fork(args: argparse.Namespace) -> int:
     from .trainer import fork
 
     run = fork(store, args.run, args.epoch, changes=changes, epochs=args.epochs, lr=args.lr, name=args.name,
-               progress=not args.quiet, on_start=lambda rid: print(rid, flush=True))
+               progress=not args.quiet, on_start=lambda rid: print(rid, flush=True),
+               auto_freeze=args.auto_freeze)
     return 0 if run.status in ("finished", "stopped") else 1
 
 
