@@ -225,4 +225,4 @@ def test_every_example_query_answers(store):
         df = store.sql(query)
         assert len(df) > 0, title
         if title in expected:
-            assert expected[title](df), (title, df)
+            assert expected[title](df), (title, df.to_string())
