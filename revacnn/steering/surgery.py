@@ -317,6 +317,15 @@ def _apply_remap(old: np.ndarray, new_shape: tuple[int, ...], remap: _Remap) -> 
     return np.moveaxis(out, 0, remap.axis)
 
 
+def _zero_remap(value: np.ndarray, remap: _Remap | Sequence[_Remap]) -> np.ndarray:
+    """Apply a remap (or a sequence of them, one axis each) with zeros for new positions."""
+    for step in [remap] if isinstance(remap, _Remap) else remap:
+        shape = list(value.shape)
+        shape[step.axis] = len(step.kept)
+        value = _apply_remap(value, tuple(shape), _Remap(step.axis, step.kept, _const(0.0)))
+    return value
+
+
 def _seeds(seed: int | None, n: int) -> list[int]:
     rng = np.random.default_rng(seed)
     return [int(s) for s in rng.integers(0, 2**31 - 1, size=n)]
@@ -556,9 +565,7 @@ def _transfer_optimizer(
             target = new_slots.get(key)
             remap = plan.get(id(old_refs[key[0]]))
             if remap is not None and target is not None:
-                value = _apply_remap(
-                    value, tuple(target.shape), _Remap(remap.axis, remap.kept, _const(0.0))
-                )
+                value = _zero_remap(value, remap)
         if target is None or tuple(target.shape) != tuple(value.shape) or id(target) in filled:
             raise SteeringError(
                 f"Cannot carry optimizer variable {old_var.path!r} over to the rebuilt "
