@@ -326,6 +326,23 @@ def _zero_remap(value: np.ndarray, remap: _Remap | Sequence[_Remap]) -> np.ndarr
     return value
 
 
+def _refuse_mixing(layer: keras.layers.Layer, target: str, what: str) -> None:
+    """Refuse a layer whose activation mixes channels (softmax over channels ...)."""
+    from .graph import _activation_name, _elementwise
+
+    if isinstance(layer, L.Softmax):
+        name = "softmax"
+    else:
+        act = getattr(layer, "activation", None)
+        if act is None or _elementwise(act):
+            return
+        name = _activation_name(act)
+    raise SteeringError(
+        f"Cannot {what} layer {target!r}: the change reaches layer {layer.name!r}, whose "
+        f"activation {name!r} mixes channels; surgery through it is refused"
+    )
+
+
 def _seeds(seed: int | None, n: int) -> list[int]:
     rng = np.random.default_rng(seed)
     return [int(s) for s in rng.integers(0, 2**31 - 1, size=n)]
@@ -358,8 +375,11 @@ def _plan(
 
     shapes = _input_shapes(model, layers)
     feat = kept  # old feature index of every new feature on the last axis
+    _refuse_mixing(op, layer, what)
     for j in range(i + 1, len(layers)):
         nxt = layers[j]
+        if isinstance(nxt, (L.Activation, L.Softmax)):
+            _refuse_mixing(nxt, layer, what)
         if _is_channelwise(nxt):
             continue
         if isinstance(nxt, L.Flatten) and not isinstance(nxt, keras.Model):
