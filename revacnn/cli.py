@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=_positive_int, default=None)
     f.add_argument("--name", default=None)
     f.add_argument("--quiet", action="store_true")
+    f.add_argument("--dry-run", action="store_true",
+                   help="print the surgery plan (layers and channels each change touches), apply nothing")
 
     r = sub.add_parser("resume", help="continue an interrupted run from its last committed epoch")
     _store_arg(r)
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("args", nargs="*")
     s.add_argument("--init", choices=["zero", "random"], default=None)
     s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the surgery plan against the last committed epoch, send nothing")
 
     ru = sub.add_parser("runs", help="the sessions and their fork trees")
     _store_arg(ru)
@@ -183,6 +187,8 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
     store = open_store(args.store, mode="r")
     changes = _fork_changes(args)
+    if args.dry_run:
+        return _dry_run(store, args.run, changes, args.epoch)
     run = fork(store, args.run, args.epoch, changes=changes, epochs=args.epochs, lr=args.lr, name=args.name,
                progress=not args.quiet, on_start=lambda rid: print(rid, flush=True))
     return 0 if run.status in ("finished", "stopped") else 1
@@ -205,6 +211,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
     store = open_store(args.store, mode="r")
     run = store.run(args.run)
     cmd = parse(args.op, args.args, init=args.init)
+    if args.dry_run:
+        return _dry_run(store, run.run_id, [cmd], None)
     status = run.status
     if status != "running":
         print(f"rejected: run {run.run_id} is {status}, not running")
@@ -220,6 +228,14 @@ def cmd_steer(args: argparse.Namespace) -> int:
         return 0
     print(f"rejected: {ev['message']}")
     return 1
+
+
+def _dry_run(store: Any, run_id: str, changes: list[Any], epoch: int | None) -> int:
+    from .trainer.preview import format_preview, preview
+
+    at, plans = preview(store, run_id, changes, epoch=epoch)
+    print(format_preview(at, plans))
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
