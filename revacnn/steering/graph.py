@@ -148,6 +148,12 @@ class LayerChange:
         in_deleted: Old input channel indices removed.
         in_added: New input channel positions that are new channels.
         variables: Paths of the variables the change writes.
+
+    Example:
+        >>> ch = plan(model, {"op": "add-filters",
+        ...                   "args": {"layer": "conv1", "n": 2}}).changes[0]  # doctest: +SKIP
+        >>> ch.layer, ch.role, ch.out_channels, ch.added                        # doctest: +SKIP
+        ('conv1', 'producer', [16, 18], [16, 17])
     """
 
     layer: str
@@ -199,23 +205,25 @@ class Plan:
         """A human-readable listing (what ``--dry-run`` prints)."""
         args = ", ".join(f"{k}={v}" for k, v in self.args.items() if k != "layer")
         lines = [f"plan: {self.op} {self.layer} ({args}); group: {', '.join(self.group)}"]
+        verb = "reinit" if self.op == "reinit-filters" else "delete"
         for c in self.changes:
             parts = [f"  {c.layer} ({c.type}, {c.role})"]
-            if c.in_channels and c.in_channels[0] != c.in_channels[1] or c.in_deleted or c.in_added:
+            if c.role in ("member", "pass", "merge", "concat"):
+                parts.append(f"channels {c.out_channels[0]}->{c.out_channels[1]}")
+            elif c.in_deleted or c.in_added:
                 parts.append(f"in {c.in_channels[0]}->{c.in_channels[1]}")
-            if c.out_channels is not None and (
-                c.out_channels[0] != c.out_channels[1] or c.deleted or c.added
+                if c.in_deleted:
+                    parts.append(f"drop inputs {_ranges(c.in_deleted)}")
+                if c.in_added:
+                    parts.append(f"new inputs {_ranges(c.in_added)}")
+            if c.role not in ("consumer", "member", "pass", "merge", "concat") and (
+                c.deleted or c.added
             ):
                 parts.append(f"out {c.out_channels[0]}->{c.out_channels[1]}")
             if c.deleted:
-                verb = "reinit" if self.op == "reinit-filters" else "delete"
                 parts.append(f"{verb} {_ranges(c.deleted)}")
             if c.added:
                 parts.append(f"new {_ranges(c.added)}")
-            if c.in_deleted:
-                parts.append(f"drop inputs {_ranges(c.in_deleted)}")
-            if c.in_added:
-                parts.append(f"new inputs {_ranges(c.in_added)}")
             lines.append(" ".join(parts))
         return "\n".join(lines)
 
@@ -246,6 +254,12 @@ class GraphSurgeryResult:
         kept: The target's old output index of each new output channel (``-1``: new).
         changed: For every layer with filters whose output channels changed, the same array.
         plan: The `Plan` that was applied.
+
+    Example:
+        >>> res = apply(model, opt, {"op": "delete-filters",
+        ...                          "args": {"layer": "stem", "indices": [0]}})  # doctest: +SKIP
+        >>> {k: v.tolist() for k, v in res.changed.items()}                     # doctest: +SKIP
+        {'stem': [1, 2, 3], 'b1c2': [1, 2, 3]}
     """
 
     model: keras.Model

@@ -317,7 +317,7 @@ def test_reinit_changes_only_those_channels():
     model = _randomise(resnet_like())
     x = _x()
     # stem_bn's output depends on the stem's filters only: exactly channels 1 and 3 change
-    probe = keras.Model(model.inputs, model.get_layer("stem_bn").output)
+    probe = keras.Model(model.inputs[0], model.get_layer("stem_bn").output)
     opt = keras.optimizers.Adam(1e-2)
     _train(model, opt)
     weights = {v.path: np.asarray(v).copy() for v in model.weights}
@@ -556,3 +556,19 @@ def test_sequential_chain_matches_chain_surgery():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
         np.testing.assert_array_equal(_out(g.model, x), _out(c.model, x))
         np.testing.assert_array_equal(g.kept, c.kept)
+
+
+def test_reinit_follows_into_the_depthwise_members():
+    model = _randomise(mobilenet_like())
+    old = {v.path: np.asarray(v).copy() for v in model.weights}
+    res = graph.apply(model, None, _cmd("reinit-filters", "conv0", indices=[1]), seed=3)
+    assert {c.layer: c.deleted for c in res.plan.changes} == {
+        "conv0": [1], "bn0": [1], "dw1": [2, 3], "bn1": [2, 3]}
+    dw = np.asarray(model.get_layer("dw1").kernel)
+    np.testing.assert_array_equal(np.delete(dw, 1, axis=2), np.delete(old["dw1/kernel"], 1, axis=2))
+    assert not np.array_equal(dw[:, :, 1], old["dw1/kernel"][:, :, 1])
+    np.testing.assert_array_equal(np.asarray(model.get_layer("dw1").bias)[[2, 3]], 0)
+    np.testing.assert_array_equal(np.asarray(model.get_layer("bn1").gamma)[[2, 3]], 1)
+    for v in model.weights:  # nothing else moved: pw1 (which reads channels 2, 3) included
+        if not v.path.startswith(("conv0/", "bn0/", "dw1/", "bn1/")):
+            np.testing.assert_array_equal(np.asarray(v), old[v.path], err_msg=v.path)
