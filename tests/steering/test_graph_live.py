@@ -5,9 +5,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
+import revacnn
 from revacnn import cli
-from revacnn.steering import graph, parse
+from revacnn.errors import UnsupportedLayerError
+from revacnn.steering import graph, parse, send
 from revacnn.trainer.trainer import Trainer, TrainerState
 
 from .test_graph_surgery import resnet_like
@@ -70,3 +73,48 @@ def test_dry_run_prints_the_plan_and_applies_nothing(tmp_path, keras_mod, tiny_d
                    "--add-filters", "conv1:1", "--dry-run"])
     err = capsys.readouterr().err
     assert rc == 2 and "'conv2' is frozen" in err and len(err.strip().splitlines()) == 1
+
+
+def test_live_group_surgery_on_a_residual_run_then_fork(tmp_path, keras_mod):
+    """Needs a trainer that records functional graphs (the functional-models work); skipped before."""
+    from revacnn.models import validate_model
+    from revacnn.trainer import trainer as trainer_mod
+    from revacnn.trainer.fit import fork
+
+    try:
+        validate_model(resnet_like("softmax"))
+    except UnsupportedLayerError as exc:
+        pytest.skip(f"this trainer records chains only: {exc}")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (96, 8, 8, 3), dtype=np.uint8)
+    y = rng.integers(0, 3, 96)
+    sched = {(1, 0): [parse("add-filters", ["stem", "2"])],
+             (1, 1): [parse("delete-filters", ["b2sc", "0"])],
+             (2, 0): [parse("reinit-filters", ["b1c1", "1"])]}
+    real = trainer_mod.Trainer._between_batches
+
+    def hooked(self, epoch, batch):
+        for cmd in sched.get((epoch, batch), []):
+            send(self.store, self.run_id, cmd)
+        return real(self, epoch, batch)
+
+    store = revacnn.open_store(tmp_path / "store")
+    trainer_mod.Trainer._between_batches = hooked
+    try:
+        run = revacnn.fit(resnet_like("softmax"), (x, y), validation_data=(x[:32], y[:32]), epochs=2,
+                          batch_size=32, store=store, probes=4, progress=False, embeddings=False)
+    finally:
+        trainer_mod.Trainer._between_batches = real
+    assert run.status == "finished"
+    ev = run.events()
+    assert (ev.status == "applied").all(), ev.message.tolist()
+    assert "group: stem, b1c2" in ev.message[0]
+    rec = run.epoch(2)
+    np.testing.assert_array_equal(rec.layer("stem").filter_uids, [0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(rec.layer("b1c2").filter_uids, [0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(rec.layer("b2c2").filter_uids, [1, 2, 3, 4, 5])
+    child = fork(store, run.run_id, 2, changes=[parse("delete-filters", ["b1c2", "0"])], epochs=3,
+                 progress=False, data=((x, y), (x[:32], y[:32])))
+    assert child.status == "finished"
+    np.testing.assert_array_equal(child.epoch(3).layer("stem").filter_uids, [1, 2, 3, 4, 5])
+    assert child.load_model(3).get_layer("b1c1").kernel.shape == (3, 3, 5, 4)

@@ -29,7 +29,7 @@ def _conv_bn(x, filters: int, name: str, strides: int = 1, kernel: int = 3):
     return L.BatchNormalization(name=name + "_bn")(x)
 
 
-def resnet_like() -> keras.Model:
+def resnet_like(head_activation: str | None = None) -> keras.Model:
     """A two-block CIFAR-ResNet: stem, an identity block, a projection block (stride 2), GAP, head.
 
     Groups: {stem, b1c2} (the identity sum) and {b2c2, b2sc} (the projection sum).
@@ -44,7 +44,7 @@ def resnet_like() -> keras.Model:
     sc = _conv_bn(x, 6, "b2sc", strides=2, kernel=1)
     x = L.ReLU(name="b2_out")(L.Add(name="b2_add")([sc, y]))
     x = L.GlobalAveragePooling2D(name="gap")(x)
-    return keras.Model(inp, L.Dense(3, name="head")(x), name="resnet_like")
+    return keras.Model(inp, L.Dense(3, activation=head_activation, name="head")(x), name="resnet_like")
 
 
 def densenet_like() -> keras.Model:
