@@ -741,7 +741,8 @@ def _work(model: keras.Model, command: Any, frozen: Collection[str] = ()) -> _Wo
     kept_out: dict[int, np.ndarray] = {}
     changes: list[LayerChange] = []
     out_keys = set(graph.output_keys)
-    frozen = set(frozen)
+    # Keras-level freezing (layer.trainable = False) counts as frozen too.
+    frozen = set(frozen) | {n.layer.name for n in graph.nodes if not n.layer.trainable}
     for n in graph.nodes:
         kin = [_kept(old_lists[k], new_lists[k], uf, uf_new) for k in n.inputs]
         kout = _kept(old_lists[n.outputs[0]], new_lists[n.outputs[0]], uf, uf_new)
@@ -924,7 +925,7 @@ def _remaps(work: _Work, seed: int | None) -> tuple[dict[int, list[_Remap]], dic
                         _Remap(2, _expand(kin[0], n.multiplier), init)
                     )
             if out_ch:
-                s = out_seed.get(i) or next(extra)
+                s = out_seed[i] if i in out_seed else next(extra)
                 if n.kind == "producer":
                     axis = -1
                     kernel = _kernel(layer)

@@ -9,6 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -25,11 +26,14 @@ def specs(draw):
     steps: list[tuple] = [("conv", "s0", draw(st.booleans()))]
     cur = ["s0"]
     for k in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "res", "cat", "bn"] if len(cur) == 1 else
+        kind = draw(st.sampled_from(["conv", "res", "res1", "cat", "bn"] if len(cur) == 1 else
                                     ["conv", "cat", "bn"]))
         sym = f"s{len(widths)}"
         if kind == "bn":
             steps.append(("bn",))
+            continue
+        if kind == "res1":  # x + conv(x): one conv both reads and writes the group
+            steps.append(("res1", cur[0]))
             continue
         widths[sym] = draw(st.integers(1, 3))
         if kind == "conv":
@@ -68,6 +72,11 @@ def build(steps: list[tuple], widths: dict[str, int]):
             meta[f"c{i}a"] = {"in": [s], "out": t}
             meta[f"c{i}b"] = {"in": [t], "out": s}
             meta[f"bn{i}"] = {"in": [s]}
+            x = L.ReLU(name=f"r{i}")(L.Add(name=f"add{i}")([x, y]))
+        elif step[0] == "res1":
+            _, s = step
+            y = L.Conv2D(widths[s], 3, padding="same", name=f"c{i}")(x)
+            meta[f"c{i}"] = {"in": [s], "out": s}
             x = L.ReLU(name=f"r{i}")(L.Add(name=f"add{i}")([x, y]))
         elif step[0] == "cat":
             _, sym = step
@@ -140,28 +149,17 @@ def _expected(old: keras.Model, new: keras.Model, meta: dict, widths: dict, targ
     return out
 
 
-@settings(max_examples=12, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(spec=specs(), data=st.data())
-def test_group_surgery_matches_a_model_rebuilt_from_scratch(spec, data):
-    steps, widths = spec
+def check(steps, widths, target: str, op: str, idx: list[int], n: int, seed: int) -> None:
+    """Surgery on the spec's model equals the model rebuilt from scratch with the expected weights."""
     model, meta = build(steps, widths)
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    rng = np.random.default_rng(seed)
     _randomise(model, rng)
-    convs = [k for k, m in meta.items() if m.get("out")]
-    target = data.draw(st.sampled_from(convs))
     sym = meta[target]["out"]
-    can_delete = widths[sym] >= 2
-    op = data.draw(st.sampled_from(["add", "delete"] if can_delete else ["add"]))
     x = rng.normal(size=(3, *SHAPE)).astype("float32")
     if op == "delete":
-        idx = sorted(data.draw(st.sets(st.integers(0, widths[sym] - 1), min_size=1,
-                                       max_size=widths[sym] - 1)))
         res = graph.apply(model, None, {"op": "delete-filters",
                                         "args": {"layer": target, "indices": idx}})
-        n = 0
     else:
-        idx, n = [], data.draw(st.integers(1, 2))
         res = graph.apply(model, None, {"op": "add-filters", "args": {"layer": target, "n": n}},
                           seed=1)
     new_widths = {**widths, sym: widths[sym] - len(idx) + n}
@@ -177,3 +175,29 @@ def test_group_surgery_matches_a_model_rebuilt_from_scratch(spec, data):
         np.testing.assert_allclose(y_new, np.asarray(model(x, training=False)), atol=1e-5, rtol=0)
     # the group is exactly the convs writing the target's symbol
     assert set(res.plan.group) == {k for k, m in meta.items() if m.get("out") == sym}
+
+
+@settings(max_examples=12, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=specs(), data=st.data())
+def test_group_surgery_matches_a_model_rebuilt_from_scratch(spec, data):
+    steps, widths = spec
+    _, meta = build(steps, widths)
+    target = data.draw(st.sampled_from([k for k, m in meta.items() if m.get("out")]))
+    sym = meta[target]["out"]
+    op = data.draw(st.sampled_from(["add", "delete"] if widths[sym] >= 2 else ["add"]))
+    if op == "delete":
+        idx = sorted(data.draw(st.sets(st.integers(0, widths[sym] - 1), min_size=1,
+                                       max_size=widths[sym] - 1)))
+        n = 0
+    else:
+        idx, n = [], data.draw(st.integers(1, 2))
+    check(steps, widths, target, op, idx, n, data.draw(st.integers(0, 2**16)))
+
+
+@pytest.mark.parametrize("op, idx, n", [("add", [], 2), ("delete", [0, 2], 0)])
+@pytest.mark.parametrize("target", ["c0", "c1", "c2"])
+def test_fixed_graph_with_every_join(target, op, idx, n):
+    """conv -> x + conv(x) -> concat with a conv -> residual block over the concat's BN."""
+    steps = [("conv", "s0", True), ("res1", "s0"), ("cat", "s1"), ("bn",), ("conv", "s2", False)]
+    check(steps, {"s0": 3, "s1": 3, "s2": 3}, target, op, idx, n, seed=7)
