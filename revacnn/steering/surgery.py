@@ -18,7 +18,11 @@ or removed filters. Here every structural change is exact:
   consumer's input slice is the exact reference, and that is what deletion reproduces.
 * ``reinit_filters`` redraws some filters in place and zeroes their optimizer slot slices.
 
-Supported models: ``keras.Sequential`` models and functional models that are a single chain
+Graphs (residual ``Add``, ``Concatenate``, depthwise convolutions) are handled by
+`revacnn.steering.graph`, which the live trainer and forks use for every model; on a chain it gives
+the same result as this module, whose optimizer transfer it reuses.
+
+Supported models here: ``keras.Sequential`` models and functional models that are a single chain
 (one input, one output, every layer fed by the previous one), channels_last, made of Conv2D,
 Dense, pooling (MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D),
 BatchNormalization, Dropout/SpatialDropout2D, Activation/ReLU/LeakyReLU/ELU, padding/cropping and

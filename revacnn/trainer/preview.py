@@ -68,7 +68,8 @@ def preview(
 
 def format_preview(epoch: int, plans: Sequence[graph.Plan | str]) -> str:
     """The text ``--dry-run`` prints."""
-    lines = [f"dry run against epoch {epoch} (nothing is applied):"]
+    lines = [f"dry run against epoch {epoch} (its checkpoint; nothing is applied, and changes made "
+             "since that epoch are not included):"]
     for p in plans:
         lines.append(p.format() if isinstance(p, graph.Plan) else p)
     return "\n".join(lines)
