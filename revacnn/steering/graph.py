@@ -93,7 +93,7 @@ ELEMENTWISE_ACTIVATIONS: frozenset[str] = frozenset(
     {
         "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "sigmoid", "hard_sigmoid",
         "tanh", "hard_tanh", "silu", "swish", "hard_silu", "hard_swish", "softplus", "softsign",
-        "exponential", "mish", "celu", "glu_free", "log_sigmoid", "sparse_plus", "squareplus",
+        "exponential", "mish", "celu", "log_sigmoid", "sparse_plus", "squareplus",
         "tanh_shrink", "soft_shrink", "hard_shrink", "threshold",
     }
 )
