@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="freeze converged conv layers bottom-up from the fork point on "
                         "(default: as the parent)")
     f.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
+    f.add_argument("--dry-run", action="store_true",
+                   help="print the surgery plan (every layer and channel each change touches) and "
+                        "apply nothing (default: off)")
 
     r = sub.add_parser("resume", help="continue an interrupted run from its last committed epoch")
     _store_arg(r)
@@ -171,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial weights of the filters add-filters adds (default: zero)")
     s.add_argument("--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                    help="how long to wait for the trainer's answer (default: %(default)s)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the surgery plan against the last committed epoch and send nothing "
+                        "(default: off)")
 
     ru = sub.add_parser("runs", help="the sessions and their fork trees")
     _store_arg(ru)
@@ -338,6 +344,8 @@ def cmd_fork(args: argparse.Namespace) -> int:
     _check_fork(store, args, changes)
     from .trainer import fork
 
+    if args.dry_run:
+        return _dry_run(store, args.run, changes, args.epoch)
     run = fork(store, args.run, args.epoch, changes=changes, epochs=args.epochs, lr=args.lr, name=args.name,
                progress=not args.quiet, on_start=lambda rid: print(rid, flush=True),
                auto_freeze=args.auto_freeze)
@@ -370,6 +378,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
         raise SteeringError(f"add-filters: N must be >= 1. Received: {cmd.args['n']}")
     store = _open(args)
     run = store.run(args.run)
+    if args.dry_run:
+        return _dry_run(store, run.run_id, [cmd], None)
     status = run.status
     if status != "running":
         raise SteeringError(
@@ -387,6 +397,14 @@ def cmd_steer(args: argparse.Namespace) -> int:
         return 0
     print(f"rejected: {ev['message']}")
     return 1
+
+
+def _dry_run(store: Any, run_id: str, changes: list[Any], epoch: int | None) -> int:
+    from .trainer.preview import format_preview, preview
+
+    at, plans = preview(store, run_id, changes, epoch=epoch)
+    print(format_preview(at, plans))
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -115,8 +115,12 @@ def apply(trainer: Trainer, cmd: Command) -> str:
         trainer.rebuild(carry=True)
         verb = "frozen" if op == "freeze-filters" else "unfrozen"
         return f"{layer} filters {idx} {verb} ({len(cur)} frozen filters in the layer)"
-    from ..steering import surgery
+    from ..steering import graph
 
+    # Group surgery (steering/graph.py): every layer tied to ``layer`` through Add, Concatenate,
+    # depthwise convolutions and BatchNorm changes with it; on a chain it equals the chain surgery.
+    frozen = set(st.frozen_layers)
+    step = int(np.asarray(trainer.optimizer.iterations))
     if op == "add-filters":
         n = args.get("n")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -124,10 +128,11 @@ def apply(trainer: Trainer, cmd: Command) -> str:
         init = args.get("init", "zero")
         if init not in ("zero", "random"):
             raise SteeringError(f"Received: init={init!r} (expected 'zero' or 'random')")
-        res = surgery.add_filters(trainer.model, trainer.optimizer, layer, n, init=init,
-                                  seed=trainer.config.seed + int(np.asarray(trainer.optimizer.iterations)))
+        res = graph.apply(trainer.model, trainer.optimizer,
+                          {"op": op, "args": {"layer": layer, "n": n, "init": init}},
+                          seed=trainer.config.seed + step, frozen=frozen)
         trainer.swap(res)
-        return f"{layer}: {n} filters added ({len(st.uids[layer])} now, init={init})"
+        return f"{layer}: {n} filters added ({len(st.uids[layer])} now, init={init}){_group(res)}"
     if op == "delete-filters":
         idx = _check_indices(trainer, layer, args)
         if len(idx) >= len(st.uids[layer]):
@@ -135,13 +140,23 @@ def apply(trainer: Trainer, cmd: Command) -> str:
                 f"Cannot delete every filter of {layer}. Received: {len(idx)} indices "
                 f"({layer} has {len(st.uids[layer])} filters; at least one must remain)"
             )
-        res = surgery.delete_filters(trainer.model, trainer.optimizer, layer, idx)
+        res = graph.apply(trainer.model, trainer.optimizer,
+                          {"op": op, "args": {"layer": layer, "indices": idx}}, frozen=frozen)
         trainer.swap(res)
-        return f"{layer}: filters {idx} deleted ({len(st.uids[layer])} left)"
+        return f"{layer}: filters {idx} deleted ({len(st.uids[layer])} left){_group(res)}"
     if op == "reinit-filters":
         idx = _check_indices(trainer, layer, args)
-        surgery.reinit_filters(trainer.model, trainer.optimizer, layer, idx,
-                               seed=trainer.config.seed + 7919 * (1 + int(np.asarray(trainer.optimizer.iterations))))
+        res = graph.apply(trainer.model, trainer.optimizer,
+                          {"op": op, "args": {"layer": layer, "indices": idx}},
+                          seed=trainer.config.seed + 7919 * (1 + step), frozen=frozen)
         trainer.rebuild(carry=True)
-        return f"{layer}: filters {idx} re-initialised"
+        return f"{layer}: filters {idx} re-initialised{_group(res)}"
     raise SteeringError(f"Unhandled op {op!r}")  # pragma: no cover
+
+
+def _group(res: Any) -> str:
+    """`` (group: a, b; 7 layers changed)`` when more than the target and its consumer changed."""
+    plan = res.plan
+    if len(plan.group) <= 1:
+        return ""
+    return f" (group: {', '.join(plan.group)}; {len(plan.changes)} layers changed)"

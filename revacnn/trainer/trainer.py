@@ -186,20 +186,27 @@ class Trainer:
             self.step_state.seen.assign(seen)
 
     def swap(self, result: Any) -> None:
-        """Adopt the model and optimizer of a `SurgeryResult`, remapping filter uids, then re-trace."""
-        name = result.layer
-        old_uids = self.state.uids[name]
-        new_uids = []
-        for k in np.asarray(result.kept).tolist():
-            if k >= 0:
-                new_uids.append(old_uids[k])
-            else:
-                new_uids.append(self.state.next_uid[name])
-                self.state.next_uid[name] += 1
-        self.state.uids[name] = new_uids
-        if name in self.state.frozen_filters:
-            live = set(new_uids)
-            self.state.frozen_filters[name] = [u for u in self.state.frozen_filters[name] if u in live]
+        """Adopt the model and optimizer of a surgery result, remapping filter uids, then re-trace.
+
+        A group change (`GraphSurgeryResult.changed`) remaps every layer whose filters changed:
+        kept filters keep their uids, new ones get the layer's next uids.
+        """
+        changed = getattr(result, "changed", None) or {result.layer: result.kept}
+        for name, kept in changed.items():
+            if name not in self.state.uids:
+                continue
+            old_uids = self.state.uids[name]
+            new_uids = []
+            for k in np.asarray(kept).tolist():
+                if k >= 0:
+                    new_uids.append(old_uids[k])
+                else:
+                    new_uids.append(self.state.next_uid[name])
+                    self.state.next_uid[name] += 1
+            self.state.uids[name] = new_uids
+            if name in self.state.frozen_filters:
+                live = set(new_uids)
+                self.state.frozen_filters[name] = [u for u in self.state.frozen_filters[name] if u in live]
         self.model = result.model
         self.optimizer = result.optimizer
         self.rebuild(carry=True)
