@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..config import TrainConfig
-from ..errors import ConfigError, EpochNotFoundError, RevacnnError
+from ..errors import ConfigError, EpochNotFoundError, RevacnnError, RunBusyError
 from ..models import build_model, validate_model
 from ..storage import Run, RunWriter, Store, create_session, open_store
 from .checkpoint import (
@@ -228,10 +228,12 @@ def _data_for(run: Run, config: TrainConfig, data: Any) -> TrainData:
 def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None) -> Run:
     """Continue an interrupted run from its last committed epoch (what ``revacnn resume`` does)."""
     run = store.run(run_id)
+    writer = RunWriter(store, run_id).acquire()  # one writer per run: RunBusyError while another lives
     status = run.status
-    if status == "running":
-        raise ConfigError(f"Run {run_id} is still running (its trainer is alive); nothing to resume")
-    if status == "finished":
+    if status in ("running", "finished"):
+        writer.release()
+        if status == "running":
+            raise RunBusyError(f"Run {run_id} is running: its trainer is alive; nothing to resume")
         raise ConfigError(f"Run {run_id} already finished all its epochs; fork it to train further")
     own = run.epochs()
     if not own:
@@ -241,8 +243,10 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     _setup_determinism(config)
     model, optimizer, state = _restore(run, last)
     tstate = TrainerState.from_dict(state["trainer"])
-    writer = RunWriter(store, run_id)
     writer.discard_after(last)
+    from ..steering.channel import requeue_discarded
+
+    requeue_discarded(store, run_id, last)  # commands of the discarded epochs apply again, at their batch
     writer.set_status("running", f"resumed from epoch {last}")
     images, labels = store.probes(run.session_id)
     trainer = Trainer(

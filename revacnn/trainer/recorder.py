@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
@@ -83,6 +84,10 @@ class Recorder:
         self._prev: dict[str, dict[int, np.ndarray]] = prev_kernels or {}
         self._queue: queue.Queue[Any] = queue.Queue()
         self.errors: list[str] = []
+        #: set when the store cannot be written (a full disk …): the trainer stops with `failed`
+        self.fatal: str | None = None
+        #: seconds each epoch's writes took (checkpoint, arrays, rows, commit), for benchmarks
+        self.write_s: list[float] = []
         self.committed: list[int] = []
         self.last_commit_at: float | None = None
         self._thread = threading.Thread(target=self._loop, name="revacnn-recorder", daemon=True)
@@ -113,16 +118,33 @@ class Recorder:
             kind, item = self._queue.get()
             if kind == "stop":
                 return
+            if kind == "epoch" and self.fatal:
+                continue  # the store cannot be written: the trainer stops at its next batch
             try:
                 if kind == "epoch":
                     self._write_epoch(item)
                 else:
                     fn, args = item
                     fn(*args)
+            except OSError as exc:
+                if kind == "epoch" and exc.errno in _FATAL_ERRNOS:
+                    self.fatal = self._fatal_message(item.epoch, exc)
+                    continue
+                msg = f"{kind} failed: {type(exc).__name__}: {exc}"
+                log.exception(msg)
+                self.errors.append(msg)
             except Exception as exc:  # never kill training
                 msg = f"{kind} failed: {type(exc).__name__}: {exc}"
                 log.exception(msg)
                 self.errors.append(msg)
+
+    def _fatal_message(self, epoch: int, exc: OSError) -> str:
+        run_id = self.writer.run_id
+        kept = f"epochs {self.committed[0]}..{self.committed[-1]} are committed and intact" if (
+            self.committed) else "no epoch was committed"
+        return (f"Cannot write epoch {epoch} of run {run_id} to the store: {exc.strerror or exc} "
+                f"({exc.filename or self.writer.layout.root}). Training stopped; {kept}. "
+                f"Free space, then `revacnn resume {run_id}`")
 
     def _write_epoch(self, snap: EpochSnapshot) -> None:
         from .. import analysis
@@ -272,6 +294,7 @@ class Recorder:
             "correct": (pred == snap.probe_labels).tolist(),
         }
         w = self.writer
+        t_write = time.perf_counter()
         if snap.checkpoint is not None:
             snap.checkpoint.state["tracker"] = self.tracker_state()
             w.write_checkpoint(epoch, to_arrays(snap.checkpoint))
@@ -280,9 +303,13 @@ class Recorder:
         w.write_rows("filters", epoch, filter_rows)
         w.write_rows("predictions", epoch, pred_rows)
         w.commit(epoch, snap.metrics)
+        self.write_s.append(time.perf_counter() - t_write)
         self.committed.append(epoch)
         self.last_commit_at = time.time()
 
+
+#: write errors that mean the store cannot take the record: training stops as `failed`
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 _FILTER_COLS = (
     "layer",

@@ -79,7 +79,7 @@ def test_compaction_keeps_every_epoch(store):
     before = store.sql(f"SELECT * FROM filters WHERE run_id='{root}' ORDER BY epoch, filter")
     w.compact()
     files = sorted(p.name for p in store.layout.table_dir(root, "filters").iterdir())
-    assert files == ["compact-e00003.parquet"]
+    assert files == ["compact-g000001.parquet"]  # generation 1, named by tables/manifest.json
     after = store.sql(f"SELECT * FROM filters WHERE run_id='{root}' ORDER BY epoch, filter")
     assert before.equals(after)
     assert store.run(root).epochs() == [0, 1, 2, 3]
