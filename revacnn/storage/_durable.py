@@ -3,14 +3,37 @@
 A rename (``os.replace``) is atomic for readers but not durable: after a power cut the new name
 may survive while the data it points to does not. The commit protocol therefore fsyncs every data
 file and the folders that list them *before* it renames the epoch's commit marker into place, and
-fsyncs the marker's folder after. `SyncSet` collects what an epoch wrote and syncs it in one go.
+fsyncs the marker's folder after. `SyncSet` collects what an epoch wrote and syncs it in one go:
+on Linux with one ``syncfs(2)`` of the store's file system (one journal commit, a few ms), elsewhere
+with an fsync per file and folder (about 10 ms each on ext4, a second for an epoch's Zarr tree).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _SYNCFS = getattr(_libc, "syncfs", None)
+except OSError:  # pragma: no cover - no C library to load
+    _SYNCFS = None
+
+
+def syncfs(path: str | os.PathLike[str]) -> bool:
+    """Flush the whole file system holding ``path`` (data and metadata); False where unavailable."""
+    if _SYNCFS is None or os.environ.get("REVACNN_NO_SYNCFS"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return _SYNCFS(fd) == 0
+    finally:
+        os.close(fd)
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
@@ -83,11 +106,19 @@ class SyncSet:
             self.add_dir(p)
 
     def flush(self) -> None:
-        """fsync every collected file, then every folder (deepest first), and forget them."""
-        for f in self.files:
-            fsync_file(f)
-        for d in sorted(self.dirs, key=lambda p: len(p.parts), reverse=True):
-            fsync_dir(d)
+        """Make every collected file and folder durable, and forget them.
+
+        One ``syncfs`` when the system has it (the store lives on one file system), else an fsync
+        of every file, then of every folder, deepest first.
+        """
+        if not self.files and not self.dirs:
+            return
+        anchor = next(iter(self.dirs), None) or next(iter(self.files)).parent
+        if not syncfs(anchor):
+            for f in self.files:
+                fsync_file(f)
+            for d in sorted(self.dirs, key=lambda p: len(p.parts), reverse=True):
+                fsync_dir(d)
         self.files.clear()
         self.dirs.clear()
 

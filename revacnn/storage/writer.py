@@ -19,7 +19,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .._faults import kill_point, write_point
-from ._durable import SyncSet, fsync_dir, fsync_file
+from ._durable import SyncSet, fsync_dir
 from ._layout import atomic_write_json, new_id, tmp_path_for, utcnow
 from ._schema import EVENTS_SCHEMA, SEGMENT_TABLES
 from ._tables import (
@@ -226,9 +226,10 @@ class RunWriter:
         """Write one epoch's rows of a segment table (not yet visible: see `commit`)."""
         path = self.layout.table_segment(self.run_id, table, epoch)
         write_point(path)
-        write_parquet_atomic(to_table(rows, SEGMENT_TABLES[table]), path, durable=self.durable)
-        if self.durable:
-            self._sync.add_dirs([path.parent, path.parent.parent])
+        write_parquet_atomic(to_table(rows, SEGMENT_TABLES[table]), path)
+        if self.durable:  # synced with the rest of the epoch, before its marker
+            self._sync.add_file(path)
+            self._sync.add_dir(path.parent.parent)
 
     def commit(self, epoch: int, row: Mapping[str, Any]) -> None:
         """Commit ``epoch`` by writing its ``epochs`` row; call after its arrays and other rows.
@@ -243,7 +244,7 @@ class RunWriter:
         try:
             pq.write_table(to_table([row], SEGMENT_TABLES["epochs"]), tmp, compression="zstd")
             if self.durable:
-                fsync_file(tmp)
+                self._sync.add_file(tmp)
                 self._sync.add_dir(path.parent.parent)
                 self._sync.flush()
             kill_point("before_commit")
@@ -262,11 +263,10 @@ class RunWriter:
         tmp = path.parent / f".{path.name}.tmp.npz"
         np.savez(tmp, **arrays)
         kill_point("checkpoint_write")
-        if self.durable:
-            fsync_file(tmp)
         os.replace(tmp, path)
-        if self.durable:
-            self._sync.add_dirs([path.parent, path.parent.parent])
+        if self.durable:  # synced with the rest of the epoch, before its marker
+            self._sync.add_file(path)
+            self._sync.add_dir(path.parent.parent)
 
     def discard_after(self, epoch: int) -> None:
         """Remove every trace of epochs after ``epoch`` and half-written files (before resuming)."""
@@ -330,9 +330,11 @@ class RunWriter:
         }
         name = f"{at.strftime('%Y%m%dT%H%M%S%f')}-{self._event_seq:06d}-{_safe(event_id)}.parquet"
         d = self.layout.events_dir(self.run_id)
-        write_parquet_atomic(to_table([row], EVENTS_SCHEMA), d / name, durable=self.durable)
-        if self.durable:
-            fsync_dir(d)
+        write_parquet_atomic(to_table([row], EVENTS_SCHEMA), d / name)
+        if self.durable:  # on disk before its command leaves the queue
+            sync = SyncSet()
+            sync.add_file(d / name)
+            sync.flush()
         return row
 
     # ------------------------------------------------------------------ compaction
@@ -363,12 +365,14 @@ class RunWriter:
             merged = read_tables(files, schema)
             name = compact_name(gen)
             target = self.layout.table_dir(self.run_id, table) / name
-            write_parquet_atomic(merged, target, durable=self.durable)
+            write_parquet_atomic(merged, target)
             if self.durable:
-                fsync_dir(target.parent)
+                self._sync.add_file(target)
             names[table] = name
             if i == 0:
                 kill_point("compaction_written")
+        if self.durable:
+            self._sync.flush()  # the merged files are on disk before the manifest names them
         manifest = {"generation": gen, "upto": upto, "epochs": rf.epochs, "files": names,
                     "written_at": utcnow().isoformat()}
         atomic_write_json(self.layout.manifest(self.run_id), manifest, durable=self.durable)
