@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +58,7 @@ def queue_command(store: Any, run_id: str) -> None:
 def train_reference(path: str | os.PathLike[str], **kw: Any) -> tuple[Any, str]:
     """Train the uninterrupted reference run in this process; returns ``(store, run_id)``."""
     import revacnn
+
     from .trainer import train
 
     store = revacnn.open_store(path, durable=False)
@@ -178,6 +178,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         t.add_argument(f"--{name}", type=int)
     args = p.parse_args(argv)
     import revacnn
+
     from .trainer import train
 
     store = revacnn.open_store(args.store)

@@ -283,6 +283,7 @@ def _one_line_store_warnings(cmd: str) -> None:
     from .errors import CorruptStoreWarning
 
     default = warnings.showwarning
+    default = getattr(default, "_revacnn_default", default)  # main() called again in one process
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
         if issubclass(category, CorruptStoreWarning):
@@ -290,6 +291,7 @@ def _one_line_store_warnings(cmd: str) -> None:
         else:
             default(message, category, filename, lineno, file, line)
 
+    show._revacnn_default = default  # type: ignore[attr-defined]
     warnings.showwarning = show
 
 
