@@ -182,7 +182,9 @@ def requeue_discarded(store: Store, run_id: str, last_epoch: int) -> list[str]:
             if row["epoch"] is None or int(row["epoch"]) <= last_epoch or row["kind"] in CONTROL_OPS:
                 continue
             cid = str(row["event_id"])
-            src = next(iter(sorted(done.glob(f"*-{cid}.json"))), None) if done.exists() else None
+            # in done/, or still queued (a crash between the event and the move out of the queue)
+            found = [*sorted(done.glob(f"*-{cid}.json")), *sorted(qdir.glob(f"*-{cid}.json"))]
+            src = found[0] if found else None
             if src is None:
                 continue
             try:
@@ -195,7 +197,8 @@ def requeue_discarded(store: Store, run_id: str, last_epoch: int) -> list[str]:
             atomic_write_json(qdir / src.name, raw, durable=True)
             path.unlink(missing_ok=True)
             fsync_dir(path.parent)
-            src.unlink(missing_ok=True)
+            if src.parent != qdir:
+                src.unlink(missing_ok=True)
             out.append(cid)
     return out
 

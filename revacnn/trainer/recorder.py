@@ -140,8 +140,9 @@ class Recorder:
 
     def _fatal_message(self, epoch: int, exc: OSError) -> str:
         run_id = self.writer.run_id
-        kept = f"epochs {self.committed[0]}..{self.committed[-1]} are committed and intact" if (
-            self.committed) else "no epoch was committed"
+        c = self.committed
+        kept = ("no epoch was committed" if not c else f"epoch {c[0]} is committed and intact"
+                if len(c) == 1 else f"epochs {c[0]}..{c[-1]} are committed and intact")
         return (f"Cannot write epoch {epoch} of run {run_id} to the store: {exc.strerror or exc} "
                 f"({exc.filename or self.writer.layout.root}). Training stopped; {kept}. "
                 f"Free space, then `revacnn resume {run_id}`")
