@@ -174,9 +174,9 @@ class RunLease:
                     since = f" since {time.strftime('%H:%M:%S', time.localtime(h['acquired_at']))}" if (
                         isinstance(h.get("acquired_at"), (int, float))) else ""
                     raise RunBusyError(
-                        f"Run {self.run_id} is being written by another process ({describe(h)}{since}), "
-                        "which holds its lease: stop it first (`revacnn steer "
-                        f"{self.run_id} stop`) or wait for it to end"
+                        f"Run {self.run_id} is running: another process ({describe(h)}{since}) holds "
+                        f"its lease and writes it. Stop it first (`revacnn steer {self.run_id} stop`) "
+                        "or wait for it to end"
                     ) from None
             if status and status.get("status") == "running" and status.get("pid") != os.getpid() and (
                 owner_alive(status)
