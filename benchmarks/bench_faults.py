@@ -202,11 +202,14 @@ def commit_cost(ref, samples):
     tmp = Path(tempfile.mkdtemp(prefix="revacnn-commit-", dir=str(ref_store.root.parent)))
     store = revacnn.open_store(tmp / "store")
     w = RunWriter.create(store, session_id="bench", config={})
-    times: dict[bool, list[float]] = {True: [], False: []}
+    times: dict[object, list[float]] = {True: [], False: [], "fsync_each": []}
+    modes: list[object] = [False, True, "fsync_each"]
     epoch = 0
     for i in range(samples):
-        for durable in ((False, True) if i % 2 == 0 else (True, False)):
-            w.durable = durable
+        for mode in (modes if i % 2 == 0 else modes[::-1]):  # alternated, order flipped every round
+            w.durable = mode is not False
+            if mode == "fsync_each":  # durable without syncfs: an fsync per file and folder
+                os.environ["REVACNN_NO_SYNCFS"] = "1"
             epoch += 1
             t = time.perf_counter()
             w.write_checkpoint(epoch, ckpt)
@@ -214,7 +217,8 @@ def commit_cost(ref, samples):
             for tname, cols in rows.items():
                 w.write_rows(tname, epoch, {**cols, "epoch": [epoch] * len(cols["epoch"])})
             w.commit(epoch, metrics)
-            times[durable].append(time.perf_counter() - t)
+            times[mode].append(time.perf_counter() - t)
+            os.environ.pop("REVACNN_NO_SYNCFS", None)
     w.set_status("finished")
     ratios = [d / n for d, n in zip(times[True], times[False], strict=True)]
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
@@ -224,7 +228,9 @@ def commit_cost(ref, samples):
             "non_durable_commit_ms": 1000 * statistics.median(times[False]),
             "durable_ratio": statistics.median(times[True]) / statistics.median(times[False]),
             "pair_ratio_median": statistics.median(ratios), "pair_ratio_iqr": [q[0], q[2]],
-            "pair_ratio_range": [min(ratios), max(ratios)], "syncfs": syncfs(tmp)}
+            "pair_ratio_range": [min(ratios), max(ratios)], "syncfs": syncfs(tmp),
+            "fsync_each_commit_ms": 1000 * statistics.median(times["fsync_each"]),
+            "fsync_each_ratio": statistics.median(times["fsync_each"]) / statistics.median(times[False])}
 
 
 def main(argv: list[str] | None = None) -> dict:
