@@ -344,3 +344,31 @@ def test_commands_leave_the_queue_only_after_their_event(store):
     (again, _, _), = CommandQueue(store, w.run_id).pop(1, 0)
     assert again.command_id == cid and again.apply_at == (1, 0)
     w.set_status("finished")
+
+
+def test_a_compaction_between_listing_and_reading_never_shows_a_half_epoch(store, monkeypatch):
+    """The worst interleaving, made deterministic: SQL has listed a run's files and starts reading
+    them when the writer compacts the run (merges, switches, removes the old segments)."""
+    from revacnn.storage import sql as sql_mod
+
+    _, root, _ = store.ids
+    w = RunWriter(store, root)
+    _epoch(w, 4)
+    reader = revacnn.open_store(store.root, mode="r")
+    real = sql_mod._FileCache.read
+    fired = []
+
+    def read(self, path, schema):
+        if not fired and root in str(path):
+            fired.append(path)
+            w.compact()  # between the listing and this read
+        return real(self, path, schema)
+
+    monkeypatch.setattr(sql_mod._FileCache, "read", read)
+    df = reader.sql(
+        f"SELECT e.epoch, (SELECT count(*) FROM layers l WHERE l.run_id = e.run_id AND l.epoch = e.epoch) AS nl,"
+        f" (SELECT count(*) FROM filters f WHERE f.run_id = e.run_id AND f.epoch = e.epoch) AS nf "
+        f"FROM epochs e WHERE e.run_id = '{root}' ORDER BY e.epoch")
+    assert fired, "the hook did not run"
+    assert df.epoch.tolist() == [0, 1, 2, 3, 4]  # no committed epoch lost
+    assert (df.nl == 1).all() and (df.nf == 3).all(), df  # no half epoch
