@@ -99,9 +99,11 @@ def random_kills(kit, tmp, ref, expected, epochs, n, rng, stats):
         reader = revacnn.open_store(path, mode="r")
         kills_here = 0
         while True:
-            pid = proc.pid
-            seen, halves = _watch(kit, reader, proc, run_id, expected, until=lambda s: bool(s) and (  # noqa: B023
-                reader.run(run_id).status_info.get("pid") == pid))  # noqa: B023
+            # wait until this child has committed an epoch of its own (so every kill is followed by
+            # progress), then kill it at a random moment within about two epochs' time
+            before = set(reader.run(run_id).epochs())
+            seen, halves = _watch(kit, reader, proc, run_id, expected,
+                                  until=lambda s: bool(s - before))  # noqa: B023
             t_kill = time.time() + rng.uniform(0.0, 2.5)
             more, h = _watch(kit, reader, proc, run_id, expected, until=lambda s: time.time() >= t_kill)  # noqa: B023
             seen |= more
