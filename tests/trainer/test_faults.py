@@ -62,7 +62,9 @@ def _after_kill(path, run_id, expected, seen, halves):
     assert state["lost"] == [], state
     assert state["half_epochs"] == [] and halves == [], (state, halves)
     assert state["contiguous"], state
-    assert state["status"] == "interrupted", state
+    # a random kill may land after the run ended, while its process exits: then it reads finished
+    ended = state["status"] == "finished" and state["epochs"] == sorted(expected)
+    assert state["status"] == "interrupted" or ended, state
     return state
 
 
@@ -192,7 +194,7 @@ def test_full_disk_fails_the_run_with_one_message_and_keeps_committed_epochs(tmp
     assert "No space left on device" in run.status_info["message"]
     assert run.epochs() == [0]
     ref = ref_store.run(ref_id)
-    for name in ref.epoch(0).layer_names:
+    for name in ref.epoch(0).conv_layers:
         assert (run.epoch(0).layer(name).kernel == ref.epoch(0).layer(name).kernel).all()
     cols = ["loss", "val_loss", "val_accuracy"]
     assert run.table("epochs")[cols].equals(ref.table("epochs").query("epoch == 0")[cols].reset_index(drop=True))
