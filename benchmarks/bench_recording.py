@@ -99,6 +99,19 @@ def main(argv: list[str] | None = None) -> dict:
             t = time.perf_counter()
             trainer._train_epoch(epoch)
             t_det[det].append(time.perf_counter() - t)
+    # the cost of durable commits: each epoch's writes (checkpoint, arrays, rows, marker) with the
+    # fsyncs before the marker on and off, alternated epoch by epoch
+    t_dur: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(max(5, args.rounds)):
+        for durable in ((False, True) if i % 2 == 0 else (True, False)):
+            writer.durable = durable
+            epoch += 1
+            trainer._train_epoch(epoch)
+            while trainer.recorder.pending() or trainer.recorder.committed[-1:] != [epoch]:
+                time.sleep(0.005)
+            t_dur[durable].append(trainer.recorder.write_s[-1])
+    writer.durable = True
+    pair = [d / n for d, n in zip(t_dur[True], t_dur[False], strict=True)]
     trainer.recorder.close()
     writer.set_status("finished")
     run = store.run(writer.run_id)
@@ -118,6 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
         "bytes_per_epoch_tables": tables,
         "worker_errors": len(trainer.recorder.errors),
         "determinism_cost_ratio": median(t_det[True]) / median(t_det[False]),
+        "durable_commit_s": median(t_dur[True]),
+        "non_durable_commit_s": median(t_dur[False]),
+        "durable_commit_ratio": median(t_dur[True]) / median(t_dur[False]),
+        "durable_ratio_spread": [min(pair), max(pair)],
     }
     print(table([res]))
     print(json.dumps(res))

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..config import TrainConfig
+from ..errors import StoreWriteError
 from ..models import weighted_layers
 from ..storage import RunWriter, Store
 from .autofreeze import AutoFreezer
@@ -325,8 +326,13 @@ class Trainer:
                     break
             else:
                 status = "finished"
+            self.recorder.close()  # the last epochs' writes must have succeeded too
+            self._check_store()
         except KeyboardInterrupt:
             status, message = "stopped", "interrupted by the user (Ctrl-C)"
+            raise
+        except StoreWriteError as exc:
+            status, message = "failed", str(exc)
             raise
         except Exception as exc:
             status, message = "failed", f"{type(exc).__name__}: {exc}"
@@ -335,12 +341,21 @@ class Trainer:
             self.recorder.close()
             if self.recorder.errors and message is None:
                 message = "; ".join(self.recorder.errors[-3:])
+            if not self.recorder.fatal:  # a full disk would fail compaction too
+                try:
+                    self.writer.compact()
+                except Exception:
+                    log.exception("compaction failed")
             try:
-                self.writer.compact()
-            except Exception:
-                log.exception("compaction failed")
-            self.writer.set_status(status, message)
+                self.writer.set_status(status, message)
+            except OSError as exc:
+                log.error("status of %s not written: %s", self.run_id, exc)
         return status
+
+    def _check_store(self) -> None:
+        """Raise `StoreWriteError` once the recorder found the store unwritable (a full disk)."""
+        if self.recorder.fatal:
+            raise StoreWriteError(self.recorder.fatal)
 
     def _train_epoch(self, epoch: int) -> bool:
         order = self.order(epoch)
@@ -396,6 +411,7 @@ class Trainer:
         """Apply pending steering commands; while paused, wait here (still answering commands)."""
         from .steer import apply_pending
 
+        self._check_store()
         apply_pending(self, epoch, batch)
         while self.paused and not self.stop_requested:
             self.writer.heartbeat(paused=True)
