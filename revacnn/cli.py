@@ -357,7 +357,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run = store.run(args.run)
     status = run.status
     if status in ("finished", "running"):
-        why = "its trainer is alive" if status == "running" else "fork it to train further"
+        if status == "running":
+            info = run.status_info
+            why = (f"its trainer, pid {info.get('pid', '?')} on {info.get('host', '?')}, is alive "
+                   "and holds the run's lease")
+        else:
+            why = "fork it to train further"
         raise ConfigError(f"Run {run.run_id} is {status}, nothing to resume ({why})")
     if not run.epochs():
         raise ConfigError(f"Run {run.run_id} has no committed epoch to resume from")
