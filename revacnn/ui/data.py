@@ -108,9 +108,9 @@ class LayerFrame:
             if a is None or a.ndim != 4:
                 cached = np.zeros((0, self.n_filters), np.float32)
             else:
-                flat = np.asarray(a, np.float32).reshape(a.shape[0], a.shape[1], -1)
-                cached = np.maximum(flat.max(axis=-1), -flat.min(axis=-1)) if flat.shape[-1] else \
-                    np.zeros(a.shape[:2], np.float32)
+                flat = np.asarray(a).reshape(a.shape[0], a.shape[1], -1)  # max/min exact in float16 too
+                cached = (np.maximum(flat.max(axis=-1), -flat.min(axis=-1)).astype(np.float32)
+                          if flat.shape[-1] else np.zeros(a.shape[:2], np.float32))
                 cached = np.nan_to_num(cached, nan=0.0, posinf=0.0, neginf=0.0)
             self.__dict__["_absmax"] = cached
         return cached
@@ -355,6 +355,8 @@ class RunBundle:
     class_names: list[str]
     stamp: tuple[Any, ...] = ()
     _by_epoch_layer: dict[tuple[int, str], dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    _spans: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict, repr=False)
+    _cols: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _conv_layers: dict[int, list[str]] = field(default_factory=dict, repr=False)
     _layer_rows: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict, repr=False)
     _metrics_at: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
@@ -363,18 +365,20 @@ class RunBundle:
         # Index everything the epoch switch needs into plain numpy/dicts once per run, so that
         # showing an epoch does no pandas filtering.
         if not self.filters.empty:
-            f = self.filters.sort_values(["epoch", "layer", "filter"], kind="stable")
-            cols = {c: f[c].to_numpy() for c in f.columns if c not in ("run_id",)}
-            keys = list(zip(cols["epoch"].tolist(), cols["layer"].tolist(), strict=True))
-            start = 0
-            for i in range(1, len(keys) + 1):
-                if i == len(keys) or keys[i] != keys[start]:
-                    sl = slice(start, i)
-                    entry: dict[str, np.ndarray] = {}
-                    for c, v in cols.items():
-                        entry[c] = v[sl]
-                    self._by_epoch_layer[(int(keys[start][0]), str(keys[start][1]))] = entry
-                    start = i
+            # one vectorised sort and a (epoch, layer) -> row-span index; the column slices of one
+            # span are taken when first asked for (a run of 1,300 epochs x 768 filters has 1M rows)
+            f = self.filters
+            layer_codes, layer_names = pd.factorize(f["layer"], sort=False)
+            epoch = f["epoch"].to_numpy(np.int64, na_value=-1)
+            order = np.lexsort((f["filter"].to_numpy(np.int64, na_value=-1), layer_codes, epoch))
+            self._cols = {c: f[c].to_numpy()[order] for c in f.columns if c != "run_id"}
+            ep, lc = epoch[order], layer_codes[order]
+            cut = np.flatnonzero((np.diff(ep) != 0) | (np.diff(lc) != 0)) + 1
+            starts = np.concatenate(([0], cut))
+            stops = np.concatenate((cut, [len(ep)]))
+            names = [str(n) for n in layer_names]
+            self._spans = {(int(ep[a]), names[int(lc[a])]): (int(a), int(b))
+                           for a, b in zip(starts.tolist(), stops.tolist(), strict=True)}
         if not self.layers.empty:
             lay = self.layers
             if "layer_index" in lay:
@@ -406,7 +410,14 @@ class RunBundle:
 
     def filter_rows(self, epoch: int, layer: str) -> dict[str, np.ndarray] | None:
         """The ``filters`` columns of one layer at one epoch (numpy arrays in filter-index order)."""
-        return self._by_epoch_layer.get((int(epoch), layer))
+        key = (int(epoch), layer)
+        hit = self._by_epoch_layer.get(key)
+        if hit is None:
+            span = self._spans.get(key)
+            if span is None:
+                return None
+            hit = self._by_epoch_layer[key] = {c: v[span[0]:span[1]] for c, v in self._cols.items()}
+        return hit
 
     def layer_row(self, epoch: int, layer: str) -> dict[str, Any] | None:
         """The ``layers`` row of one layer at one epoch, or None."""
@@ -1037,6 +1048,7 @@ class ReplayData:
                 measures=measures, embedding=emb, layer_embedding=lemb,
                 layer_frozen=bundle.layer_frozen(epoch, name), index=j, error=err,
             )
+            lf.abs_max()  # computed here, in the prefetch thread for the neighbouring epochs
             base.layers.append(lf)
             if i > 0:
                 prev = bundle.filter_rows(eps[i - 1], name)

@@ -63,7 +63,7 @@ def _special_stores(base: Path, recorded: dict[str, Any]) -> dict[str, Path]:
 
     sys.path.insert(0, str(Path(__file__).parent))
     try:
-        from test_replay_data import synthetic_store
+        from test_data import synthetic_store
     finally:
         sys.path.pop(0)
     import revacnn
@@ -165,6 +165,12 @@ _DEEP_TEXT = """(el) => {
 }"""
 
 
+def _settled(page: Any, selector: str) -> None:
+    """Wait for ``selector`` to be there, then for two rendered frames (before a screenshot; no sleep)."""
+    page.locator(selector).first.wait_for()
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
 def _text(locator: Any) -> str:
     """All text under an element, through the shadow roots Panel renders into."""
     return locator.first.evaluate(_DEEP_TEXT)
@@ -183,6 +189,7 @@ def test_player_changes_epoch_and_tiles(page: Any, server: str, recorded: dict[s
     before = _sigs(page)
     assert len(before) == 2 and all(before)
     _shot(page, "overview")
+    _shot(page, "replay")  # the whole page (docs/screenshots/replay.png, beside live.png)
     page.locator(".rv-epoch-player .rv-next").click()
     page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='1']")
     after = _sigs(page)
@@ -196,6 +203,24 @@ def test_player_changes_epoch_and_tiles(page: Any, server: str, recorded: dict[s
     _shot(page.locator(".rv-tab-network .rv-net").first, "network")
     _shot(page.locator(".rv-run-picker"), "run_picker")
     _shot(page.locator(".rv-patterns"), "patterns")
+
+
+def test_class_probabilities_fit_at_1500_px(browser: Any, server: str, recorded: dict[str, Any]) -> None:
+    """At 1,500 px the probability column is inside the page (it wraps below the layers if need be)."""
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1000})
+    try:
+        pg = ctx.new_page()
+        pg.set_default_timeout(30_000)
+        _open(pg, f"{server}/main?run={recorded['fork']}&epoch=2")
+        probs = pg.locator(".rv-tab-network .rv-probs").first
+        probs.wait_for()
+        net = pg.locator(".rv-tab-network .rv-net").first.bounding_box()
+        box = probs.bounding_box()
+        assert box["width"] > 100
+        assert box["x"] + box["width"] <= min(net["x"] + net["width"], 1500) + 1, (box, net)
+        assert pg.locator(".rv-tab-network .rv-prob").count() == 10
+    finally:
+        ctx.close()
 
 
 def test_probe_choice_changes_the_network_view(page: Any, server: str, recorded: dict[str, Any]) -> None:
@@ -212,7 +237,7 @@ def test_probe_choice_changes_the_network_view(page: Any, server: str, recorded:
     page.locator(".rv-tab-network .rv-layer[data-layer='conv2'] .rv-grid-acts .rv-tile").nth(1).click()
     page.wait_for_selector(".rv-filter-detail .rv-fd[data-filter]")
     assert page.locator(".rv-filter-detail .rv-fd-acts .rv-fd-cell").count() == 10
-    page.wait_for_timeout(300)
+    _settled(page, ".rv-filter-detail-view canvas")
     _shot(page.locator(".rv-filter-detail-view"), "filter_detail")
 
 
@@ -227,14 +252,14 @@ def test_compare_shows_two_runs(page: Any, server: str, recorded: dict[str, Any]
     # the fork added two conv2 filters: 12 tiles against 10
     assert page.locator(".rv-compare-side-a .rv-layer[data-layer='conv2'] .rv-tile").count() == 10
     assert page.locator(".rv-compare-side-b .rv-layer[data-layer='conv2'] .rv-tile").count() == 12
-    page.wait_for_timeout(400)
+    _settled(page, ".rv-compare canvas")
     _shot(page.locator(".rv-compare"), "compare")
 
 
 def test_other_views_render(page: Any, server: str, recorded: dict[str, Any]) -> None:
     _open(page, f"{server}/main?run={recorded['fork']}&epoch=3")
     _tab(page, "Curves")
-    page.wait_for_timeout(800)
+    _settled(page, ".rv-curves canvas")
     _shot(page.locator(".rv-curves"), "curves")
     _tab(page, "Events")
     page.wait_for_selector(".rv-event-log .rv-table")
@@ -245,11 +270,11 @@ def test_other_views_render(page: Any, server: str, recorded: dict[str, Any]) ->
     page.wait_for_selector(f".rv-run-header .rv-title-bar[data-run='{recorded['root']}']")
     _tab(page, "Embedding")
     page.wait_for_selector(".rv-embedding-title b")
-    page.wait_for_timeout(500)
+    _settled(page, ".rv-embedding canvas")
     _shot(page.locator(".rv-embedding"), "embedding")
     page.locator(".rv-embedding-mode button", has_text="all layers").click()
     page.get_by_text("all conv layers").first.wait_for()
-    page.wait_for_timeout(500)
+    _settled(page, ".rv-embedding canvas")
     _shot(page.locator(".rv-embedding"), "embedding_layers")
 
 
@@ -262,7 +287,7 @@ def test_sql_console(page: Any, server: str) -> None:
     page.locator(".rv-sql-run button").click()
     page.get_by_text("7 rows").first.wait_for()
     assert page.locator(".rv-sql-results .tabulator-row").count() == 7
-    page.wait_for_timeout(400)
+    _settled(page, ".rv-sql-results .tabulator-row")
     _shot(page.locator(".rv-sql-console"), "sql")
     box.fill("SELECT * FROM read_csv('/etc/passwd')")
     page.locator(".rv-sql-run button").click()

@@ -240,19 +240,29 @@ def probe_image_uri(frame: NetworkFrame, probe: int) -> str:
     return _SPRITES.get_or(("probe", id(frame.probe_images), frame.probe_images.shape, probe), make)
 
 
-def layer_sprites(frame: NetworkFrame, lf: LayerFrame, probe: int) -> Any:
+def layer_sprites(frame: NetworkFrame, lf: LayerFrame, probe: int, tile: int | None = None) -> Any:
     """The `Sprite` of one layer's activation tiles for one probe (cached per frame and probe).
+
+    Maps at least twice as large as the ``tile`` they are drawn in are averaged down in whole
+    blocks first (a 32 x 32 map shown in 12 px tiles is sent as 16 x 16): the picture looks the
+    same and the page gets a quarter of the bytes (256 filters per layer: ~4x less to send and decode).
 
     Example:
         >>> layer_sprites(frame, frame.layers[0], 0).n
         16
     """
     assert lf.activations is not None
+    maps = lf.activations[probe]
+    k = max(1, min(maps.shape[-2], maps.shape[-1]) // tile) if tile else 1
 
     def make() -> Any:
-        return sprite(activation_rgb(lf.activations[probe], lf.activation_scale()))
+        a = maps
+        if k > 1:
+            f, h, w = a.shape[0], a.shape[-2] // k, a.shape[-1] // k
+            a = np.asarray(a[:, : h * k, : w * k], np.float32).reshape(f, h, k, w, k).mean(axis=(2, 4))
+        return sprite(activation_rgb(a, lf.activation_scale()))
 
-    return _SPRITES.get_or(("acts", frame.key, lf.name, probe), make)
+    return _SPRITES.get_or(("acts", frame.key, lf.name, probe, k), make)
 
 
 def weight_sprite(frame: NetworkFrame, lf: LayerFrame) -> Any:
@@ -353,7 +363,7 @@ class NetworkView(Viewer):
             if lf.error is None and (lf.activations is None or not P):
                 entry["error"] = f"{lf.name}: no activation maps in this record."
             if entry["error"] is None:
-                sp = layer_sprites(f, lf, probe)
+                sp = layer_sprites(f, lf, probe, tile)
                 entry["sprite"] = sp.css()
                 entry["sig"] = _sig(sp)
                 sigs.append(entry["sig"])
