@@ -169,7 +169,8 @@ def long_store(path: Path, epochs: int, filters: int, layers: int = 3, probes: i
     """A run of ``epochs`` epoch records of ``layers`` x ``filters`` filters, written without a trainer.
 
     Every epoch has its table rows (epochs, layers, filters); only the last has arrays (the page
-    shows the last epoch first), which keeps the store small.
+    shows the last epoch first), which keeps the store small. The tables are compacted at the end,
+    as the trainer does when a run ends.
     """
     import numpy as np
 
@@ -202,6 +203,7 @@ def long_store(path: Path, epochs: int, filters: int, layers: int = 3, probes: i
             "tsne_x": rng.normal(size=n), "tsne_y": rng.normal(size=n)})
         w.commit(e, {"loss": 1.0 / (e + 1), "accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5,
                      "cumulative_time_s": float(e)})
+    w.compact()  # as the trainer does when a run ends
     w.set_status("finished")
     return w.run_id
 

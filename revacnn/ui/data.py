@@ -356,7 +356,7 @@ class RunBundle:
     stamp: tuple[Any, ...] = ()
     _by_epoch_layer: dict[tuple[int, str], dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     _spans: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict, repr=False)
-    _cols: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     _conv_layers: dict[int, list[str]] = field(default_factory=dict, repr=False)
     _layer_rows: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict, repr=False)
     _metrics_at: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
@@ -371,7 +371,7 @@ class RunBundle:
             layer_codes, layer_names = pd.factorize(f["layer"], sort=False)
             epoch = f["epoch"].to_numpy(np.int64, na_value=-1)
             order = np.lexsort((f["filter"].to_numpy(np.int64, na_value=-1), layer_codes, epoch))
-            self._cols = {c: f[c].to_numpy()[order] for c in f.columns if c != "run_id"}
+            self._order = order
             ep, lc = epoch[order], layer_codes[order]
             cut = np.flatnonzero((np.diff(ep) != 0) | (np.diff(lc) != 0)) + 1
             starts = np.concatenate(([0], cut))
@@ -416,7 +416,8 @@ class RunBundle:
             span = self._spans.get(key)
             if span is None:
                 return None
-            hit = self._by_epoch_layer[key] = {c: v[span[0]:span[1]] for c, v in self._cols.items()}
+            sub = self.filters.iloc[self._order[span[0]:span[1]]]
+            hit = self._by_epoch_layer[key] = {c: sub[c].to_numpy() for c in sub.columns if c != "run_id"}
         return hit
 
     def layer_row(self, epoch: int, layer: str) -> dict[str, Any] | None:
