@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the raw numbers here")
     args = ap.parse_args(argv)
 
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     import revacnn
     from revacnn.storage.live import read_live_snapshot
@@ -154,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.clicks):
                 name = "Freeze layer" if i % 2 == 0 else "Unfreeze layer"
                 btn = page.get_by_role("button", name=name, exact=True)
-                page.wait_for_function("b => !b.disabled", arg=btn.element_handle(), polling=100)
+                try:
+                    expect(btn).to_be_enabled(timeout=120_000)
+                except AssertionError:
+                    print(f"click {i}: {name!r} stayed disabled; status: "
+                          f"{status.evaluate('e => e.shadowRoot.textContent')}", file=sys.stderr)
+                    raise
                 time.sleep(2.0)  # let the trainer finish re-tracing after the previous command
                 before = result.evaluate("e => e.shadowRoot.textContent")
                 t_click = time.time()

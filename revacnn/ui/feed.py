@@ -27,6 +27,7 @@ import pandas as pd
 from ..storage import EVENTS_SCHEMA
 from ..storage.live import read_live_snapshot
 from .data import NetworkFrame, ReplayData, RunBundle, frame_from_live
+from .views.network import prerender
 
 log = logging.getLogger("revacnn.ui")
 
@@ -35,7 +36,15 @@ __all__ = ["TERMINAL", "FeedState", "RunFeed"]
 #: Statuses of a run whose trainer is gone.
 TERMINAL = ("finished", "stopped", "interrupted", "failed")
 
-_EMBED_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="revacnn-live-tsne")
+#: One worker thread for the feeds' side work (live t-SNE, pre-rendered sprites), off the poller.
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="revacnn-live-worker")
+
+
+def _prerender(frame: NetworkFrame) -> None:
+    try:
+        prerender(frame)
+    except Exception:  # noqa: BLE001 - the view renders it itself then
+        log.debug("prerender failed", exc_info=True)
 
 
 @dataclass
@@ -194,6 +203,8 @@ class RunFeed:
             if names != self._stamps.get("epochs"):
                 bundle = self.data.bundle(rid, fresh=True)
                 record = self.data.frame(bundle, bundle.epochs[-1], prefetch=False) if bundle.epochs else None
+                if record is not None:
+                    _WORKER.submit(_prerender, record)
                 st = self._bump(st, bundle=bundle, record=record, epochs_v=True)
                 self._stamps["epochs"] = names
                 changed = True
@@ -210,6 +221,7 @@ class RunFeed:
                                            previous_uids=prev)
                     live.run_id = live.source_run_id = rid
                     live = self._with_embedding(live, st.live)
+                    _WORKER.submit(_prerender, live)  # sprites, in the worker: not on a session's loop
                     st = self._bump(st, live=live, batches=np.asarray(snap["batches"]), snap_v=True)
                     changed = True
             if st.error is not None:
@@ -247,7 +259,7 @@ class RunFeed:
             return
         self._embedding_busy = True
         self._embedded_key = live.key
-        _EMBED_POOL.submit(self._embed, live, st.record)
+        _WORKER.submit(self._embed, live, st.record)
 
     def _embed(self, live: NetworkFrame, record: NetworkFrame | None) -> None:
         """Warm-started t-SNE of the snapshot's kernels, continued from the record's layout by uid."""

@@ -265,6 +265,24 @@ def layer_sprites(frame: NetworkFrame, lf: LayerFrame, probe: int, tile: int | N
     return _SPRITES.get_or(("acts", frame.key, lf.name, probe, k), make)
 
 
+def prerender(frame: NetworkFrame, probe: int = 0, width_per_layer: int = 300) -> None:
+    """Render (and cache) what `NetworkView` will draw for ``frame`` and ``probe``, off the event loop.
+
+    The live feed calls it in the poller thread for each new snapshot, so that a session's
+    redraw only looks the sprites up and a click waiting on the same event loop is not delayed.
+
+    Example:
+        >>> prerender(frame, probe=0)
+    """
+    for lf in frame.layers:
+        if lf.activations is None or lf.error is not None or not frame.n_probes:
+            continue
+        _, tile = _grid_shape(lf.n_filters, width_per_layer)
+        layer_sprites(frame, lf, min(probe, frame.n_probes - 1), tile)
+        if lf.kernel is not None and lf.index == 0:
+            weight_sprite(frame, lf)
+
+
 def weight_sprite(frame: NetworkFrame, lf: LayerFrame) -> Any:
     """The `Sprite` of a layer's kernels drawn as RGB pictures (cached per frame)."""
     assert lf.kernel is not None
