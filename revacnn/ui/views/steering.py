@@ -24,6 +24,8 @@ import pandas as pd
 import panel as pn
 import param
 
+from ..theme import FROZEN
+
 #: Seconds after which a command without an event is reported as unanswered.
 ANSWER_TIMEOUT_S = 30.0
 
@@ -383,7 +385,7 @@ class SteeringControls(pn.viewable.Viewer):
         n = int(self.layers.get(layer, 0))
         frozen = layer in self.frozen_layers
         n_ff = len(self.frozen_filters.get(layer, []))
-        badge = ("<span class='rv-badge rv-frozen' style='background:#1f6feb;color:white;"
+        badge = (f"<span class='rv-badge rv-frozen' style='background:{FROZEN};color:white;"
                  "border-radius:8px;padding:1px 7px;margin-left:6px'>frozen</span>") if frozen else ""
         kind = "filters" if layer in self.conv_layers else "units"
         self.layer_info.object = (
