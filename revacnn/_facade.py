@@ -60,13 +60,14 @@ def load_model(self: Run, epoch: int | None = None) -> keras.Model:
     Example:
         >>> model = run.load_model(3)
     """
-    from .trainer.checkpoint import load_checkpoint, model_from_checkpoint
-
     if epoch is None:
         epoch = self.last_epoch()
         if epoch is None:
             raise EpochNotFoundError(f"Run {self.run_id} has no committed epoch yet")
-    return model_from_checkpoint(load_checkpoint(self.checkpoint_path(epoch)))
+    path = self.checkpoint_path(epoch)  # raises EpochNotFoundError before TensorFlow is imported
+    from .trainer.checkpoint import load_checkpoint, model_from_checkpoint
+
+    return model_from_checkpoint(load_checkpoint(path))
 
 
 def install() -> None:

@@ -1,4 +1,4 @@
-"""The demo: record a session on the offline `shapes` dataset (a root run and a conv1-frozen fork), then serve the app."""
+"""The demo: record a session on `shapes` (a root run and a conv1-frozen fork), start a live run, serve both pages."""
 
 from __future__ import annotations
 
@@ -13,10 +13,17 @@ DEMO_CONFIG = TrainConfig(
     val_size=1000, probes=16, seed=0, name="demo-root",
 )
 FORK_EPOCH = 2
+#: The run the live page follows (and can steer) while the demo serves: long enough to play with.
+LIVE_EPOCHS = 300
+LIVE_TRAIN_SIZE = 4000
 
 
 def run_demo(store_path: str, *, epochs: int = 6, serve_app: bool = True, port: int = 5006) -> int:
-    """Record the demo session into ``store_path`` and serve the replay app on 127.0.0.1.
+    """Record the demo session into ``store_path``, start a live run, and serve both apps on 127.0.0.1.
+
+    The replay page shows the recorded root run and its conv1-frozen fork; the live page follows a
+    third run that trains while the demo serves (``revacnn train`` in its own process), and can
+    steer it. Both URLs are printed.
 
     Example:
         >>> run_demo("store/demo", serve_app=False)
@@ -41,8 +48,23 @@ def run_demo(store_path: str, *, epochs: int = 6, serve_app: bool = True, port: 
           "FROM timeline ORDER BY run_id, epoch\"")
     if not serve_app:
         return 0
-    from .ui.serve import serve
+    from .ui.launcher import launch_train
+    from .ui.serve import free_port, serve
 
-    print(f"\nServing the replay app: http://127.0.0.1:{port}/replay  (Ctrl-C to stop)", flush=True)
+    port = port or free_port()
+    job = launch_train(store.root, epochs=LIVE_EPOCHS, train_size=LIVE_TRAIN_SIZE, val_size=500,
+                       name="demo-live", seed=1)
+    live_id = job.wait_run_id(timeout_s=300)
+    print(f"\nServing on http://127.0.0.1:{port}  (Ctrl-C to stop)", flush=True)
+    print(f"  replay (the root run and its fork): http://127.0.0.1:{port}/replay?run={child.run_id}")
+    if live_id:
+        print(f"  live (a run training now, {LIVE_EPOCHS} epochs; steer it there): "
+              f"http://127.0.0.1:{port}/live?run={live_id}", flush=True)
+    else:
+        print(f"  live: the demo run did not start ({job.log_tail(300)}); http://127.0.0.1:{port}/live",
+              flush=True)
     sys.stdout.flush()
-    return serve("replay", store=store_path, port=port, address="127.0.0.1", show=False)
+    try:
+        return serve("replay", store=store_path, port=port, address="127.0.0.1", show=False)
+    finally:
+        job.terminate()  # the live run ends with the demo (its status reads stopped/interrupted)

@@ -30,19 +30,14 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 TABLES = ("sessions", "runs", "epochs", "layers", "filters", "events", "probes", "predictions")
 
+#: The ``timeline`` view: the epochs rows of every run's lineage, `Run.history` (the one definition
+#: of lineage; its rows are the hidden table ``_history``, built with each connection).
 TIMELINE_SQL = """
 CREATE VIEW timeline AS
-WITH RECURSIVE chain(run_id, source_run_id, upto, depth) AS (
-    SELECT run_id, run_id, 2147483647, 0 FROM runs
-    UNION ALL
-    SELECT c.run_id, r.parent_run_id, LEAST(c.upto, r.fork_epoch), c.depth + 1
-    FROM chain c JOIN runs r ON r.run_id = c.source_run_id
-    WHERE r.parent_run_id IS NOT NULL AND c.depth < 1000
-)
-SELECT c.run_id, e.epoch, c.source_run_id, c.source_run_id <> c.run_id AS inherited,
+SELECT h.run_id, e.epoch, h.source_run_id, h.source_run_id <> h.run_id AS inherited,
        e.loss, e.accuracy, e.val_loss, e.val_accuracy, e.lr, e.duration_s,
        e.cumulative_time_s, e.n_batches, e.step, e.committed_at
-FROM chain c JOIN epochs e ON e.run_id = c.source_run_id AND e.epoch < c.upto
+FROM _history h JOIN epochs e ON e.run_id = h.source_run_id AND e.epoch = h.epoch
 """
 
 EXAMPLE_QUERIES: dict[str, str] = {
@@ -317,6 +312,7 @@ class SQLEngine:
             schemas["events"] = EVENTS_SCHEMA
 
             tables = self._read_all(files, schemas)
+            history = self._store.history_rows()
 
             def load(con: duckdb.DuckDBPyConnection) -> None:
                 for table, schema in schemas.items():
@@ -327,6 +323,9 @@ class SQLEngine:
                         con.unregister("_arrow")
                     else:
                         con.execute(ddl(table, schema))
+                con.register("_hist", history)
+                con.execute("CREATE TABLE _history AS SELECT * FROM _hist")
+                con.unregister("_hist")
                 for name, df in (("sessions", sessions), ("runs", runs), ("probes", probes)):
                     con.register("_df", df)
                     con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _df')

@@ -38,6 +38,10 @@ from ._tables import (
 from .lease import HEARTBEAT_TIMEOUT_S, HOST, owner_alive
 from .sql import SQLEngine
 
+#: The ``epochs`` columns of `Run.metrics` and of the SQL view ``timeline``.
+HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "duration_s", "cumulative_time_s",
+                   "n_batches", "step", "committed_at")
+
 __all__ = ["HEARTBEAT_TIMEOUT_S", "HOST", "EpochRecord", "LayerRecord", "Run", "Store", "open_store"]
 
 
@@ -294,6 +298,23 @@ class Store:
     def _event_files(self, run_id: str) -> list[Path]:
         return event_files(self.layout, run_id)
 
+    def history_rows(self) -> pd.DataFrame:
+        """Every run's lineage (`Run.history`): rows ``(run_id, epoch, source_run_id)``.
+
+        Example:
+            >>> store.history_rows().query("run_id == @fork_id")
+        """
+        rows = []
+        for rid in self.run_ids():
+            try:
+                hist = self.run(rid).history()
+            except (StoreError, RunNotFoundError):
+                continue
+            rows.extend((rid, int(e), src) for e, src in hist)
+        df = pd.DataFrame(rows, columns=["run_id", "epoch", "source_run_id"])
+        df["epoch"] = df["epoch"].astype("int32")
+        return df
+
     # ------------------------------------------------------------------ change stamps (for pollers)
     # Everything above `revacnn.storage` polls the store through these, never with os.stat/listdir.
     def stamp(self) -> tuple[Any, ...]:
@@ -465,15 +486,28 @@ class Run:
         """This run's own committed epochs, ascending (a fork's start at its fork epoch)."""
         return committed_epochs(self.store.layout, self.run_id)
 
-    def timeline(self) -> list[tuple[int, str]]:
-        """``(epoch, source_run_id)`` of the run's full history: ancestors' epochs before the fork."""
-        own = self.epochs()
-        out = [(e, self.run_id) for e in own]
+    def history(self) -> list[tuple[int, str]]:
+        """The run's lineage: ``(epoch, source_run_id)`` of its full history, oldest first.
+
+        A root run's history is its own committed epochs. A fork's is its parent's history before
+        the fork epoch, then its own epochs (from the fork epoch on). This is the one definition
+        of lineage: the SQL view ``timeline`` is built from it, and so are `metrics`, the apps
+        (`revacnn.ui.data.RunBundle.timeline`) and `revacnn.storage.compare.compare_runs`.
+
+        Example:
+            >>> store.run(fork_id).history()[:3]
+            [(0, 'run-…-root'), (1, 'run-…-root'), (2, 'run-…-fork')]
+        """
+        out = [(e, self.run_id) for e in self.epochs()]
         if self.parent_run_id is not None and self.fork_epoch is not None:
             upto = int(self.fork_epoch)
-            inherited = [(e, r) for e, r in self.parent.timeline() if e < upto]
+            inherited = [(e, r) for e, r in self.parent.history() if e < upto]
             out = inherited + out
         return out
+
+    def timeline(self) -> list[tuple[int, str]]:
+        """Alias of `history` (the name of the SQL view built from it)."""
+        return self.history()
 
     def last_epoch(self) -> int | None:
         """The last committed epoch of the run's full history, or None."""
@@ -497,10 +531,31 @@ class Run:
         )
 
     def metrics(self) -> pd.DataFrame:
-        """Per-epoch metrics of the full history (the ``timeline`` view for this run)."""
-        return self.store.sql(
-            f"SELECT * FROM timeline WHERE run_id = '{self.run_id}' ORDER BY epoch"
-        )
+        """Per-epoch metrics of the full history: the ``epochs`` rows of `history`, in its order.
+
+        The columns are the SQL view ``timeline``'s (run_id, epoch, source_run_id, inherited,
+        then the metrics); read from the Parquet segments directly, without the SQL engine.
+
+        Example:
+            >>> store.run(fork_id).metrics()[["epoch", "source_run_id", "val_accuracy"]]
+        """
+        hist = self.history()
+        cols = ["run_id", "epoch", "source_run_id", "inherited", *HISTORY_METRICS]
+        parts = []
+        for source in dict.fromkeys(s for _, s in hist):
+            want = {e for e, s in hist if s == source}
+            df = self.store.run(source).table("epochs") if source != self.run_id else self.table("epochs")
+            parts.append(df[df["epoch"].isin(want)].assign(source_run_id=source))
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+        df = pd.concat(parts, ignore_index=True).sort_values("epoch", kind="stable").reset_index(drop=True)
+        df["run_id"] = self.run_id
+        df["inherited"] = df["source_run_id"] != self.run_id
+        for c in cols:
+            if c not in df:
+                df[c] = np.nan
+        return df[cols]
 
     def events(self) -> pd.DataFrame:
         """This run's steering events, oldest first."""

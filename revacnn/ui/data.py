@@ -108,9 +108,9 @@ class LayerFrame:
             if a is None or a.ndim != 4:
                 cached = np.zeros((0, self.n_filters), np.float32)
             else:
-                flat = np.asarray(a, np.float32).reshape(a.shape[0], a.shape[1], -1)
-                cached = np.maximum(flat.max(axis=-1), -flat.min(axis=-1)) if flat.shape[-1] else \
-                    np.zeros(a.shape[:2], np.float32)
+                flat = np.asarray(a).reshape(a.shape[0], a.shape[1], -1)  # max/min exact in float16 too
+                cached = (np.maximum(flat.max(axis=-1), -flat.min(axis=-1)).astype(np.float32)
+                          if flat.shape[-1] else np.zeros(a.shape[:2], np.float32))
                 cached = np.nan_to_num(cached, nan=0.0, posinf=0.0, neginf=0.0)
             self.__dict__["_absmax"] = cached
         return cached
@@ -143,6 +143,12 @@ class NetworkFrame:
         metrics: the epoch's metrics (loss, val_accuracy …).
         message: a message to show instead of (no layers) or above the network.
         key: identifies the frame's content, for render caches.
+        live: True for a live snapshot (then ``batch``, ``n_batches``, ``paused`` are set).
+        batch: batches done in ``epoch`` (live), or None.
+        n_batches: batches per epoch, when known.
+        at: UNIX time the snapshot was published or the epoch committed (0 when unknown).
+        paused: whether the trainer was paused (live).
+        units: every weighted layer (conv and dense) -> its number of filters or units.
 
     Example:
         >>> f = NetworkFrame.empty("No run selected")
@@ -162,6 +168,34 @@ class NetworkFrame:
     metrics: dict[str, Any] = field(default_factory=dict)
     message: str | None = None
     key: tuple[Any, ...] = ()
+    live: bool = False
+    batch: int | None = None
+    n_batches: int | None = None
+    at: float = 0.0
+    paused: bool = False
+    units: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def conv_layers(self) -> list[str]:
+        """Names of the conv layers, in model order."""
+        return [lf.name for lf in self.layers]
+
+    @property
+    def frozen_layers(self) -> list[str]:
+        """Layers frozen as a whole."""
+        return [lf.name for lf in self.layers if lf.layer_frozen]
+
+    @property
+    def frozen_filters(self) -> dict[str, list[int]]:
+        """Layer -> indices of its single frozen filters (layers frozen as a whole left out)."""
+        return {lf.name: [int(i) for i in np.flatnonzero(lf.frozen)] for lf in self.layers
+                if not lf.layer_frozen and np.any(lf.frozen)}
+
+    @property
+    def lr(self) -> float | None:
+        """The learning rate, when known."""
+        v = self.metrics.get("lr")
+        return None if v is None or _isna(v) else float(v)
 
     @classmethod
     def empty(cls, message: str) -> NetworkFrame:
@@ -259,6 +293,9 @@ def frame_from_live(
     batch, nb = meta.get("batch"), meta.get("n_batches")
     label = f"live · epoch {epoch}" + (f" · batch {batch}/{nb}" if batch is not None else "")
     probs = snapshot.get("probabilities")
+    if probs is not None and len(probs) != len(probe_images):
+        probs = None
+    units = {k: len(v) for k, v in uids_meta.items()}
     return NetworkFrame(
         layers=layers,
         probabilities=None if probs is None else np.asarray(probs, np.float32),
@@ -271,6 +308,9 @@ def frame_from_live(
         label=label,
         metrics={"lr": meta.get("lr")},
         key=("live", meta.get("run_id"), epoch, batch, meta.get("published_at")),
+        live=True, batch=None if batch is None else int(batch),
+        n_batches=int(nb) if nb else None, at=float(meta.get("published_at") or 0.0),
+        paused=bool(meta.get("paused", False)), units=units,
     )
 
 
@@ -315,6 +355,8 @@ class RunBundle:
     class_names: list[str]
     stamp: tuple[Any, ...] = ()
     _by_epoch_layer: dict[tuple[int, str], dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    _spans: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict, repr=False)
+    _order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     _conv_layers: dict[int, list[str]] = field(default_factory=dict, repr=False)
     _layer_rows: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict, repr=False)
     _metrics_at: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
@@ -323,18 +365,20 @@ class RunBundle:
         # Index everything the epoch switch needs into plain numpy/dicts once per run, so that
         # showing an epoch does no pandas filtering.
         if not self.filters.empty:
-            f = self.filters.sort_values(["epoch", "layer", "filter"], kind="stable")
-            cols = {c: f[c].to_numpy() for c in f.columns if c not in ("run_id",)}
-            keys = list(zip(cols["epoch"].tolist(), cols["layer"].tolist(), strict=True))
-            start = 0
-            for i in range(1, len(keys) + 1):
-                if i == len(keys) or keys[i] != keys[start]:
-                    sl = slice(start, i)
-                    entry: dict[str, np.ndarray] = {}
-                    for c, v in cols.items():
-                        entry[c] = v[sl]
-                    self._by_epoch_layer[(int(keys[start][0]), str(keys[start][1]))] = entry
-                    start = i
+            # one vectorised sort and a (epoch, layer) -> row-span index; the column slices of one
+            # span are taken when first asked for (a run of 1,300 epochs x 768 filters has 1M rows)
+            f = self.filters
+            layer_codes, layer_names = pd.factorize(f["layer"], sort=False)
+            epoch = f["epoch"].to_numpy(np.int64, na_value=-1)
+            order = np.lexsort((f["filter"].to_numpy(np.int64, na_value=-1), layer_codes, epoch))
+            self._order = order
+            ep, lc = epoch[order], layer_codes[order]
+            cut = np.flatnonzero((np.diff(ep) != 0) | (np.diff(lc) != 0)) + 1
+            starts = np.concatenate(([0], cut))
+            stops = np.concatenate((cut, [len(ep)]))
+            names = [str(n) for n in layer_names]
+            self._spans = {(int(ep[a]), names[int(lc[a])]): (int(a), int(b))
+                           for a, b in zip(starts.tolist(), stops.tolist(), strict=True)}
         if not self.layers.empty:
             lay = self.layers
             if "layer_index" in lay:
@@ -366,7 +410,15 @@ class RunBundle:
 
     def filter_rows(self, epoch: int, layer: str) -> dict[str, np.ndarray] | None:
         """The ``filters`` columns of one layer at one epoch (numpy arrays in filter-index order)."""
-        return self._by_epoch_layer.get((int(epoch), layer))
+        key = (int(epoch), layer)
+        hit = self._by_epoch_layer.get(key)
+        if hit is None:
+            span = self._spans.get(key)
+            if span is None:
+                return None
+            sub = self.filters.iloc[self._order[span[0]:span[1]]]
+            hit = self._by_epoch_layer[key] = {c: sub[c].to_numpy() for c in sub.columns if c != "run_id"}
+        return hit
 
     def layer_row(self, epoch: int, layer: str) -> dict[str, Any] | None:
         """The ``layers`` row of one layer at one epoch, or None."""
@@ -379,6 +431,11 @@ class RunBundle:
     def conv_layers(self, epoch: int) -> list[str] | None:
         """Names of the conv layers at ``epoch`` (from the ``layers`` table), or None."""
         return self._conv_layers.get(int(epoch))
+
+    def units(self, epoch: int) -> dict[str, int]:
+        """Every weighted layer at ``epoch`` -> its number of filters (units), from ``layers``."""
+        return {name: int(r["n_filters"]) for (e, name), r in self._layer_rows.items()
+                if e == int(epoch) and "n_filters" in r and not _isna(r["n_filters"])}
 
     def layer_frozen(self, epoch: int, layer: str) -> bool:
         """Whether ``layer`` was frozen as a whole at ``epoch``."""
@@ -395,15 +452,24 @@ class RunBundle:
 
 # ============================================================================ watcher
 class StoreWatcher:
-    """One background thread per store that notices new runs, epochs, events and status changes.
+    """The one poller of a server process: store changes for every page, and the runs live pages follow.
 
-    Sessions compare `version` (an int) on a light periodic callback instead of each scanning the
-    store: one poller per server, as the design asks.
+    One background thread per store. Every `interval_s` it takes the store's stamp
+    (`Store.stamp`) and bumps `version` when runs, epochs, events or statuses changed; sessions
+    compare `version` (an int) instead of each scanning the store. Runs that a live page follows
+    (`follow`) are polled every `FEED_POLL_S` — every `FEED_POLL_HOT_S` for a while after a
+    steering command was sent (`heat`) — and each change is pushed to the sessions that listen.
 
     Example:
         >>> w = StoreWatcher.shared("store")
         >>> v = w.version
+        >>> feed = w.follow(run_id)     # a live page: feed.state is the run's read model
+        >>> w.unfollow(feed)
     """
+
+    FEED_POLL_S = 0.2
+    FEED_POLL_HOT_S = 0.02
+    HOT_S = 10.0
 
     _instances: dict[str, StoreWatcher] = {}
     _lock = threading.Lock()
@@ -415,6 +481,9 @@ class StoreWatcher:
         self._stamp: Any = None
         self._store: Store | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._feeds: dict[str, Any] = {}
+        self._flock = threading.Lock()
         self._stamp = self.scan()
         self._thread = threading.Thread(target=self._loop, name="revacnn-store-watcher", daemon=True)
         self._thread.start()
@@ -447,8 +516,54 @@ class StoreWatcher:
             self.version += 1
         return self.version
 
+    # ------------------------------------------------------------------ followed runs
+    def follow(self, run_id: str) -> Any:
+        """Follow ``run_id`` for a live page: its `revacnn.ui.feed.RunFeed` (shared by sessions)."""
+        from .feed import RunFeed
+
+        with self._flock:
+            feed = self._feeds.get(run_id)
+            if feed is None:
+                feed = self._feeds[run_id] = RunFeed(ReplayData.shared(self.root), run_id)
+            feed.subscribers += 1
+        self._wake.set()  # the first state is read in this thread, off the event loop
+        return feed
+
+    def unfollow(self, feed: Any) -> None:
+        """Stop following (the feed is dropped when its last session leaves)."""
+        with self._flock:
+            feed.subscribers -= 1
+            if feed.subscribers <= 0 and self._feeds.get(feed.run_id) is feed:
+                del self._feeds[feed.run_id]
+
+    def followed(self) -> list[str]:
+        """Run ids followed now."""
+        with self._flock:
+            return list(self._feeds)
+
+    def heat(self, feed: Any) -> None:
+        """Poll ``feed`` fast for a while (a steering command was just sent) and at once."""
+        feed.hot_until = time.monotonic() + self.HOT_S
+        self._wake.set()
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        last_scan = 0.0
+        while not self._stop.is_set():
+            with self._flock:
+                feeds = list(self._feeds.values())
+            now = time.monotonic()
+            hot = any(f.hot_until > now for f in feeds)
+            period = self.FEED_POLL_HOT_S if hot else self.FEED_POLL_S if feeds else self.interval_s
+            self._wake.wait(period)
+            self._wake.clear()
+            for feed in feeds:
+                try:
+                    feed.poll()
+                except Exception:  # noqa: BLE001 - keep polling whatever a poll meets
+                    log.exception("live feed poll failed")
+            if time.monotonic() - last_scan < self.interval_s:
+                continue
+            last_scan = time.monotonic()
             if not self._present():  # the store went away (a test's temporary folder): stop
                 with self._lock:
                     if self._instances.get(str(self.root)) is self:
@@ -467,6 +582,7 @@ class StoreWatcher:
     def stop(self) -> None:
         """Stop the thread."""
         self._stop.set()
+        self._wake.set()
 
 
 # ============================================================================ the reader
@@ -663,19 +779,24 @@ class ReplayData:
             self._tables.put(key, hit)
         return hit
 
-    def bundle(self, run_id: str) -> RunBundle:
+    def bundle(self, run_id: str, *, fresh: bool = False) -> RunBundle:
         """The `RunBundle` of ``run_id`` (re-read when the run's records change).
+
+        Args:
+            run_id: the run.
+            fresh: check the run's records now rather than trusting the watcher's version (the
+                live feed, which sees a commit before the watcher's next scan).
 
         Raises:
             RunNotFoundError: no such run.
         """
         version = self.version()
         hit = self._bundles.get(run_id)
-        if hit is not None and hit.stamp[3] == version:
+        if hit is not None and hit.stamp[3] == version and not fresh:
             return hit  # nothing in the store changed since it was read (the watcher says so)
         store = self.store
         run = store.run(run_id)
-        timeline = run.timeline()
+        timeline = run.history()  # the one lineage (also the SQL view timeline's)
         status = run.status
         sources: dict[str, list[int]] = {}
         for e, s in timeline:
@@ -880,6 +1001,10 @@ class ReplayData:
         m = bundle.metrics_at(epoch)
         base.metrics = {k: m.get(k) for k in ("loss", "accuracy", "val_loss", "val_accuracy", "lr",
                                                "duration_s", "cumulative_time_s") if k in m}
+        at, nb = m.get("committed_at"), m.get("n_batches")
+        base.at = pd.Timestamp(at).timestamp() if at is not None and not _isna(at) else 0.0
+        base.n_batches = int(nb) if nb is not None and not _isna(nb) and int(nb) > 0 else None
+        base.units = bundle.units(epoch)
         if "__error__" in raw:
             base.message = raw["__error__"]
             return base
@@ -924,6 +1049,7 @@ class ReplayData:
                 measures=measures, embedding=emb, layer_embedding=lemb,
                 layer_frozen=bundle.layer_frozen(epoch, name), index=j, error=err,
             )
+            lf.abs_max()  # computed here, in the prefetch thread for the neighbouring epochs
             base.layers.append(lf)
             if i > 0:
                 prev = bundle.filter_rows(eps[i - 1], name)

@@ -43,6 +43,7 @@ CURRENT = "#2563EB"
 
 STATUS_COLORS: dict[str, str] = {
     "running": "#22C55E",
+    "paused": "#EAB308",
     "finished": "#64748B",
     "stopped": "#F59E0B",
     "interrupted": "#F97316",

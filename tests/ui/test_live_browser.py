@@ -31,6 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync"]
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_MS = 30_000
+SHOTS = ROOT / "docs" / "screenshots"
 
 
 def _free_port() -> int:
@@ -148,14 +149,26 @@ def progress(page: Any) -> tuple[int, int]:
     return int(loc.get_attribute("data-epoch")), int(loc.get_attribute("data-batch"))
 
 
-def wait_progress_after(page: Any, before: tuple[int, int], timeout_s: float = 30.0) -> tuple[int, int]:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        now = progress(page)
-        if now > before:
-            return now
-        time.sleep(0.2)
-    raise AssertionError(f"the page's progress stayed at {before}")
+_PROGRESS_JS = """([e, b]) => {
+  const find = (root) => {
+    const hit = root.querySelector('.rv-progress-text');
+    if (hit) return hit;
+    for (const el of root.querySelectorAll('*')) {
+      if (el.shadowRoot) { const h = find(el.shadowRoot); if (h) return h; }
+    }
+    return null;
+  };
+  const el = find(document);
+  if (!el) return false;
+  const pe = Number(el.dataset.epoch), pb = Number(el.dataset.batch);
+  return pe > e || (pe === e && pb > b);
+}"""
+
+
+def wait_progress_after(page: Any, before: tuple[int, int], timeout_s: float = 60.0) -> tuple[int, int]:
+    """Wait (in the browser, on the condition itself) until the page's progress passes ``before``."""
+    page.wait_for_function(_PROGRESS_JS, arg=list(before), timeout=timeout_s * 1000, polling=100)
+    return progress(page)
 
 
 def result_text(page: Any, pattern: str) -> None:
@@ -178,7 +191,12 @@ def test_page_shows_batch_progress_advancing(pages: list[Any]) -> None:
     first = progress(page)
     second = wait_progress_after(page, first)
     assert second > first
-    expect(page.locator(".rv-run-status[data-status=running]")).to_have_count(1)
+    assert page.locator(".rv-run-status[data-status=running]").count() == 1
+    # the replay page's template and views: same header, network view, batch curves
+    assert page.locator(".rv-net[data-epoch]").count() >= 1
+    page.locator(".rv-batch-curves canvas").first.wait_for()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "live.png"))
 
 
 def test_click_freezes_conv1_and_both_pages_see_it(pages: list[Any], store: Any, run_id: str) -> None:

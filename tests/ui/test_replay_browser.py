@@ -11,8 +11,6 @@ from typing import Any
 
 import pytest
 
-expect = pytest.importorskip("playwright.sync_api").expect
-
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("REVACNN_CHROMIUM", "/usr/bin/chromium")
@@ -65,7 +63,7 @@ def _special_stores(base: Path, recorded: dict[str, Any]) -> dict[str, Path]:
 
     sys.path.insert(0, str(Path(__file__).parent))
     try:
-        from test_replay_data import synthetic_store
+        from test_data import synthetic_store
     finally:
         sys.path.pop(0)
     import revacnn
@@ -167,6 +165,12 @@ _DEEP_TEXT = """(el) => {
 }"""
 
 
+def _settled(page: Any, selector: str) -> None:
+    """Wait for ``selector`` to be there, then for two rendered frames (before a screenshot; no sleep)."""
+    page.locator(selector).first.wait_for()
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
 def _text(locator: Any) -> str:
     """All text under an element, through the shadow roots Panel renders into."""
     return locator.first.evaluate(_DEEP_TEXT)
@@ -185,12 +189,13 @@ def test_player_changes_epoch_and_tiles(page: Any, server: str, recorded: dict[s
     before = _sigs(page)
     assert len(before) == 2 and all(before)
     _shot(page, "overview")
+    _shot(page, "replay")  # the whole page (docs/screenshots/replay.png, beside live.png)
     page.locator(".rv-epoch-player .rv-next").click()
     page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='1']")
     after = _sigs(page)
     assert after[0] != before[0] and after[1] != before[1]
     assert "epoch 1" in _text(page.locator(".rv-epoch-value"))
-    expect(page.locator(".rv-run-header .rv-title-bar[data-epoch='1']")).to_have_count(1)
+    assert page.locator(".rv-run-header .rv-title-bar[data-epoch='1']").count() == 1
     # the keyboard moves the slider too
     page.locator(".rv-epoch-player .rv-range").focus()
     page.keyboard.press("ArrowRight")
@@ -198,6 +203,24 @@ def test_player_changes_epoch_and_tiles(page: Any, server: str, recorded: dict[s
     _shot(page.locator(".rv-tab-network .rv-net").first, "network")
     _shot(page.locator(".rv-run-picker"), "run_picker")
     _shot(page.locator(".rv-patterns"), "patterns")
+
+
+def test_class_probabilities_fit_at_1500_px(browser: Any, server: str, recorded: dict[str, Any]) -> None:
+    """At 1,500 px the probability column is inside the page (it wraps below the layers if need be)."""
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1000})
+    try:
+        pg = ctx.new_page()
+        pg.set_default_timeout(30_000)
+        _open(pg, f"{server}/main?run={recorded['fork']}&epoch=2")
+        probs = pg.locator(".rv-tab-network .rv-probs").first
+        probs.wait_for()
+        net = pg.locator(".rv-tab-network .rv-net").first.bounding_box()
+        box = probs.bounding_box()
+        assert box["width"] > 100
+        assert box["x"] + box["width"] <= min(net["x"] + net["width"], 1500) + 1, (box, net)
+        assert pg.locator(".rv-tab-network .rv-prob").count() == 10
+    finally:
+        ctx.close()
 
 
 def test_probe_choice_changes_the_network_view(page: Any, server: str, recorded: dict[str, Any]) -> None:
@@ -208,13 +231,13 @@ def test_probe_choice_changes_the_network_view(page: Any, server: str, recorded:
     page.wait_for_selector(".rv-tab-network .rv-net[data-probe='3']")
     assert img.get_attribute("src") != src0
     assert page.locator(".rv-tab-network .rv-net").first.get_attribute("data-key") != key0
-    expect(page.locator(".rv-probe-chooser .rv-thumb.rv-active[data-probe='3']")).to_have_count(1)
+    assert page.locator(".rv-probe-chooser .rv-thumb.rv-active[data-probe='3']").count() == 1
     _shot(page.locator(".rv-probe-chooser"), "probes")
     # a click on a tile opens the filter detail
     page.locator(".rv-tab-network .rv-layer[data-layer='conv2'] .rv-grid-acts .rv-tile").nth(1).click()
     page.wait_for_selector(".rv-filter-detail .rv-fd[data-filter]")
-    expect(page.locator(".rv-filter-detail .rv-fd-acts .rv-fd-cell")).to_have_count(10)
-    page.wait_for_timeout(300)
+    assert page.locator(".rv-filter-detail .rv-fd-acts .rv-fd-cell").count() == 10
+    _settled(page, ".rv-filter-detail-view canvas")
     _shot(page.locator(".rv-filter-detail-view"), "filter_detail")
 
 
@@ -227,16 +250,16 @@ def test_compare_shows_two_runs(page: Any, server: str, recorded: dict[str, Any]
     text = _text(page.locator(".rv-compare"))
     assert "root" in text and "conv1-frozen" in text and "B − A" in text
     # the fork added two conv2 filters: 12 tiles against 10
-    expect(page.locator(".rv-compare-side-a .rv-layer[data-layer='conv2'] .rv-tile")).to_have_count(10)
-    expect(page.locator(".rv-compare-side-b .rv-layer[data-layer='conv2'] .rv-tile")).to_have_count(12)
-    page.wait_for_timeout(400)
+    assert page.locator(".rv-compare-side-a .rv-layer[data-layer='conv2'] .rv-tile").count() == 10
+    assert page.locator(".rv-compare-side-b .rv-layer[data-layer='conv2'] .rv-tile").count() == 12
+    _settled(page, ".rv-compare canvas")
     _shot(page.locator(".rv-compare"), "compare")
 
 
 def test_other_views_render(page: Any, server: str, recorded: dict[str, Any]) -> None:
     _open(page, f"{server}/main?run={recorded['fork']}&epoch=3")
     _tab(page, "Curves")
-    page.wait_for_timeout(800)
+    _settled(page, ".rv-curves canvas")
     _shot(page.locator(".rv-curves"), "curves")
     _tab(page, "Events")
     page.wait_for_selector(".rv-event-log .rv-table")
@@ -247,11 +270,11 @@ def test_other_views_render(page: Any, server: str, recorded: dict[str, Any]) ->
     page.wait_for_selector(f".rv-run-header .rv-title-bar[data-run='{recorded['root']}']")
     _tab(page, "Embedding")
     page.wait_for_selector(".rv-embedding-title b")
-    page.wait_for_timeout(500)
+    _settled(page, ".rv-embedding canvas")
     _shot(page.locator(".rv-embedding"), "embedding")
     page.locator(".rv-embedding-mode button", has_text="all layers").click()
     page.get_by_text("all conv layers").first.wait_for()
-    page.wait_for_timeout(500)
+    _settled(page, ".rv-embedding canvas")
     _shot(page.locator(".rv-embedding"), "embedding_layers")
 
 
@@ -263,8 +286,8 @@ def test_sql_console(page: Any, server: str) -> None:
     box.fill("SELECT run_id, epoch, val_accuracy FROM epochs ORDER BY run_id, epoch")
     page.locator(".rv-sql-run button").click()
     page.get_by_text("7 rows").first.wait_for()
-    expect(page.locator(".rv-sql-results .tabulator-row")).to_have_count(7)
-    page.wait_for_timeout(400)
+    assert page.locator(".rv-sql-results .tabulator-row").count() == 7
+    _settled(page, ".rv-sql-results .tabulator-row")
     _shot(page.locator(".rv-sql-console"), "sql")
     box.fill("SELECT * FROM read_csv('/etc/passwd')")
     page.locator(".rv-sql-run button").click()
@@ -272,7 +295,7 @@ def test_sql_console(page: Any, server: str) -> None:
     assert "cannot read or write files" in _text(page.locator(".rv-sql-error"))
     assert "root:x:0:0" not in page.content()
     assert "root:x:0:0" not in _text(page.locator("body"))
-    expect(page.locator(".rv-sql-results .tabulator-row")).to_have_count(0)
+    assert page.locator(".rv-sql-results .tabulator-row").count() == 0
 
 
 @pytest.mark.parametrize("route, css, text", [
@@ -301,10 +324,10 @@ def test_corrupt_epoch_shows_a_message(page: Any, server: str, recorded: dict[st
     _open(page, f"{server}/corrupt?run={recorded['root']}&epoch=2")
     err = page.locator(".rv-tab-network .rv-layer[data-layer='conv2'] .rv-layer-error")
     assert "corrupt" in _text(err)
-    expect(page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts .rv-tile")).to_have_count(8)
+    assert page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts .rv-tile").count() == 8
     page.locator(".rv-epoch-player .rv-next").click()  # the next epoch is fine
     page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='3']")
-    expect(page.locator(".rv-tab-network .rv-layer-error")).to_have_count(0)
+    assert page.locator(".rv-tab-network .rv-layer-error").count() == 0
 
 
 def test_tile_images_are_real_pictures(page: Any, server: str, recorded: dict[str, Any]) -> None:

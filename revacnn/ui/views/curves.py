@@ -11,7 +11,7 @@ import param
 from bokeh.models import ColumnDataSource, HoverTool, Range1d
 from panel.viewable import Viewer
 
-from ..theme import RUN_COLORS
+from ..theme import DELETED, EVENT, RUN_COLORS
 from ._plots import EpochOverlays, column, fit_range, make_figure
 
 _LAYER_COLORS = ("#2563EB", "#F59E0B", "#10B981", "#EF4444", "#8B5CF6", "#06B6D4", "#EC4899", "#84CC16")
@@ -154,3 +154,131 @@ class CurvesView(Viewer):
 
     def _on_epoch(self, *_: Any) -> None:
         self.overlays.set_epoch(self.epoch)
+
+
+def event_x(epoch: int, batch: int, n_batches: int | None) -> float:
+    """Where an event at (epoch, batch) sits on the fractional-epoch axis of the batch curves.
+
+    Example:
+        >>> event_x(3, 5, 10)
+        2.5
+    """
+    if not n_batches:
+        return float(epoch)
+    return float(epoch) - 1.0 + min(max(batch, 0), n_batches) / n_batches
+
+
+class BatchCurvesView(Viewer):
+    """Batch-level loss and accuracy of a running training (the live page), with steering events.
+
+    The live snapshot's batch history is a line on a fractional-epoch axis; the recorded epochs'
+    train and validation values are points; applied (orange) and rejected (red) events are
+    vertical marks. New batches are streamed to the browser, not re-sent.
+
+    Args (params):
+        batches: ``(N, 5)`` rows ``(epoch, batch, loss, accuracy, time)`` of the live snapshot.
+        n_batches: batches per epoch.
+        metrics: per-epoch rows (epoch, loss, accuracy, val_loss, val_accuracy).
+        events: the run's steering events.
+
+    Example:
+        >>> view = BatchCurvesView(batches=st.batches, n_batches=10, metrics=st.metrics)
+    """
+
+    batches = param.Array(default=None, allow_None=True)
+    n_batches = param.Integer(default=None, allow_None=True)
+    metrics = param.DataFrame(default=None, allow_None=True)
+    events = param.DataFrame(default=None, allow_None=True)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._batches = ColumnDataSource({"x": [], "loss": [], "acc": [], "epoch": [], "batch": []})
+        self._epochs = ColumnDataSource({"x": [], "loss": [], "acc": [], "val_loss": [], "val_acc": []})
+        self._events = ColumnDataSource({"x": [], "color": [], "kind": [], "status": [], "message": []})
+        self.figures = []
+        c_train, c_val = RUN_COLORS[0], RUN_COLORS[1]
+        for key, val, title, y in (("loss", "val_loss", "Loss (batches)", "cross-entropy"),
+                                   ("acc", "val_acc", "Accuracy (batches)", "accuracy")):
+            f = make_figure(title, y, x_range=self.figures[0].x_range if self.figures else None)
+            f.vspan(x="x", source=self._events, line_color="color", line_width=2, line_alpha=0.7)
+            f.line(x="x", y=key, source=self._batches, color=c_train, legend_label="train (batches)")
+            f.scatter(x="x", y=key, source=self._epochs, color=c_train, size=7, legend_label="train (epoch)")
+            f.scatter(x="x", y=val, source=self._epochs, color=c_val, size=7, marker="square",
+                      legend_label="validation")
+            f.line(x="x", y=val, source=self._epochs, color=c_val, line_dash="dashed")
+            f.legend.location = "top_right" if key == "loss" else "bottom_right"
+            f.legend.label_text_font_size = "10.5px"
+            f.legend.background_fill_alpha = 0.6
+            self.figures.append(f)
+        marks = self.figures[0].scatter(x="x", y=0, source=self._events, marker="inverted_triangle", size=0)
+        self.figures[0].add_tools(HoverTool(renderers=[marks], tooltips=[("event", "@kind"),
+                                                                         ("", "@status: @message")]))
+        self._layout = pn.GridBox(*(pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.figures),
+                                  ncols=2, sizing_mode="stretch_width", css_classes=["rv-batch-curves"])
+        self._rows: np.ndarray | None = None
+        self._metrics_key: Any = None
+        self._events_key: Any = None
+        self.param.watch(self._on_batches, ["batches", "n_batches"])
+        self.param.watch(self._on_metrics, ["metrics"])
+        self.param.watch(self._on_events, ["events", "n_batches"])
+        self._on_batches()
+        self._on_metrics()
+        self._on_events()
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self._layout
+
+    @staticmethod
+    def _columns(b: np.ndarray, nb: int) -> dict[str, list[Any]]:
+        return {"x": (b[:, 0] - 1 + b[:, 1] / nb).tolist(), "loss": b[:, 2].tolist(), "acc": b[:, 3].tolist(),
+                "epoch": b[:, 0].astype(int).tolist(), "batch": b[:, 1].astype(int).tolist()}
+
+    def reset(self) -> None:
+        """Forget the previous run's curves (another run was attached)."""
+        for src in (self._batches, self._epochs, self._events):
+            src.data = {k: [] for k in src.data}
+        self._rows = None
+        self._metrics_key = None
+        self._events_key = None
+
+    def _on_batches(self, *_: Any) -> None:
+        b, nb = self.batches, self.n_batches
+        if b is None or not len(b) or not nb:
+            return
+        b = np.asarray(b, np.float64).reshape(-1, 5)
+        rows = self._rows
+        if rows is not None and len(rows) and len(b) > len(rows) and np.array_equal(b[: len(rows)], rows):
+            self._batches.stream(self._columns(b[len(rows):], nb))  # the history only grows within a run
+        elif rows is None or not np.array_equal(b, rows):
+            self._batches.data = self._columns(b, nb)
+        self._rows = b
+
+    def _on_metrics(self, *_: Any) -> None:
+        m = self.metrics
+        if m is None or not len(m):
+            return
+        key = (len(m), tuple(m.iloc[-1].astype(str)))
+        if key == self._metrics_key:
+            return
+        self._metrics_key = key
+        self._epochs.data = {"x": column(m, "epoch").tolist(), "loss": column(m, "loss").tolist(),
+                             "acc": column(m, "accuracy").tolist(), "val_loss": column(m, "val_loss").tolist(),
+                             "val_acc": column(m, "val_accuracy").tolist()}
+
+    def _on_events(self, *_: Any) -> None:
+        ev = self.events
+        key = ((0, None) if ev is None or not len(ev) else (len(ev), ev["event_id"].iloc[-1]), self.n_batches)
+        if key == self._events_key:
+            return
+        self._events_key = key
+        if ev is None or not len(ev):
+            self._events.data = {k: [] for k in self._events.data}
+            return
+        ev = ev.dropna(subset=["epoch"])
+        self._events.data = {
+            "x": [event_x(int(e), int(b) if not pd.isna(b) else 0, self.n_batches)
+                  for e, b in zip(ev["epoch"], ev["batch"], strict=False)],
+            "color": [EVENT if s == "applied" else DELETED for s in ev["status"]],
+            "kind": ev["kind"].astype(str).tolist(), "status": ev["status"].astype(str).tolist(),
+            "message": ev["message"].astype(str).tolist(),
+        }

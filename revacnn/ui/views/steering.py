@@ -24,6 +24,8 @@ import pandas as pd
 import panel as pn
 import param
 
+from ..theme import FROZEN
+
 #: Seconds after which a command without an event is reported as unanswered.
 ANSWER_TIMEOUT_S = 30.0
 
@@ -120,7 +122,7 @@ class SteeringControls(pn.viewable.Viewer):
         self.btn_unfreeze = W.Button(label="Unfreeze layer", css_classes=["rv-unfreeze-layer"])
         self.add_n = W.IntInput(label="New filters", value=2, start=1, end=512, width=90)
         self.btn_add = W.Button(label="Add filters", css_classes=["rv-add-filters"], align="end")
-        self.indices = W.TextInput(label="Selected filters (click tiles, lasso, or type 0, 3, 5-7)",
+        self.indices = W.TextInput(label="Selected filters (click tiles, or type 0, 3, 5-7)",
                                    placeholder="none selected", sizing_mode="stretch_width",
                                    css_classes=["rv-filter-indices"])
         self.btn_all = W.Button(label="Select all", color="light", width=90)
@@ -228,7 +230,7 @@ class SteeringControls(pn.viewable.Viewer):
             self.lr_input.value = float(lr)
 
     def select(self, layer: str, indices: Sequence[int]) -> None:
-        """Select filters (from a tile click or a lasso in the embedding)."""
+        """Select filters (from a click on a tile or on a point of the embedding)."""
         if layer in self.param.layer.objects:
             self.param.update(layer=layer, selected=sorted({int(i) for i in indices}))
 
@@ -265,7 +267,7 @@ class SteeringControls(pn.viewable.Viewer):
 
     def _send_filters(self, op: str) -> None:
         if not self.layer or not self.selected:
-            self._show("warning", "Select filters first: click tiles, lasso points in the embedding "
+            self._show("warning", "Select filters first: click tiles or points in the embedding "
                                   "or type indices.")
             return
         self.send(op, [self.layer, *[str(i) for i in sorted(self.selected)]])
@@ -383,7 +385,7 @@ class SteeringControls(pn.viewable.Viewer):
         n = int(self.layers.get(layer, 0))
         frozen = layer in self.frozen_layers
         n_ff = len(self.frozen_filters.get(layer, []))
-        badge = ("<span class='rv-badge rv-frozen' style='background:#1f6feb;color:white;"
+        badge = (f"<span class='rv-badge rv-frozen' style='background:{FROZEN};color:white;"
                  "border-radius:8px;padding:1px 7px;margin-left:6px'>frozen</span>") if frozen else ""
         kind = "filters" if layer in self.conv_layers else "units"
         self.layer_info.object = (
@@ -406,7 +408,7 @@ class SteeringControls(pn.viewable.Viewer):
         hint = ""
         if live and is_conv:
             if not sel:
-                hint = "No filter selected: click tiles in the network view or lasso them in the embedding."
+                hint = "No filter selected: click tiles in the network view or points in the embedding."
             elif len(sel) >= n:
                 hint = (f"<span style='color:#b42318'>Deleting all {n} filters of {html.escape(layer)} "
                         "cannot apply (at least one must remain): the trainer will refuse it.</span>")

@@ -1,4 +1,4 @@
-"""Unit tests of the live app without a browser or TensorFlow: hub, feed, views, steering controls, launcher."""
+"""Unit tests of the live page without a browser or TensorFlow: feed, views, steering controls, launcher."""
 
 from __future__ import annotations
 
@@ -15,18 +15,11 @@ from revacnn.steering.channel import CommandQueue
 from revacnn.storage import RunWriter, create_session, open_store
 from revacnn.storage.live import write_live_snapshot
 from revacnn.ui import launcher
-from revacnn.ui.live import (
-    MULTI_SELECT,
-    FeedState,
-    LiveApp,
-    LiveHub,
-    create_live_app,
-    event_x,
-    network_frame,
-    pca_2d,
-    record_from_snapshot,
-    steering_permission,
-)
+from revacnn.ui.data import ReplayData, StoreWatcher, frame_from_live
+from revacnn.ui.feed import FeedState
+from revacnn.ui.live import LiveApp, create_live_app, steering_permission
+from revacnn.ui.views.curves import event_x
+from revacnn.ui.views.network import NetworkView
 from revacnn.ui.views.steering import SteeringControls, format_indices, parse_indices
 
 LAYERS = {"conv1": (4, 3, 3, 3), "conv2": (6, 3, 3, 4)}
@@ -49,13 +42,18 @@ def _fake_run(root: Path, *, epochs: int = 1) -> tuple[object, RunWriter]:
 def _commit(w: RunWriter, epoch: int, rng: np.random.Generator, *, frozen: tuple[str, ...] = ()) -> None:
     arrays = {}
     rows = []
+    filters = []
     for name, (f, kh, kw, c) in LAYERS.items():
+        emb = rng.normal(size=(f, 2)).astype(np.float32)
+        filters += [{"run_id": w.run_id, "epoch": epoch, "layer": name, "filter": i, "filter_uid": i,
+                     "frozen": name in frozen, "grad_l1": 1.0, "tsne_x": float(emb[i, 0]),
+                     "tsne_y": float(emb[i, 1])} for i in range(f)]
         arrays[name] = {
             "kernel": rng.normal(size=(f, kh, kw, c)).astype(np.float32),
             "bias": np.zeros(f, np.float32),
             "activations": rng.random((2, f, 8, 8)).astype(np.float32),
             "grad_l1": rng.random(f).astype(np.float32),
-            "embedding": rng.normal(size=(f, 2)).astype(np.float32),
+            "embedding": emb,
             "filter_uids": np.arange(f, dtype=np.int64),
             "frozen": np.full(f, name in frozen),
             "_attrs": {"kind": "conv"},
@@ -66,6 +64,7 @@ def _commit(w: RunWriter, epoch: int, rng: np.random.Generator, *, frozen: tuple
                         "_attrs": {"kind": "dense"}}
     w.write_arrays(epoch, arrays, {"metrics": {}})
     w.write_rows("layers", epoch, rows)
+    w.write_rows("filters", epoch, filters)
     w.commit(epoch, {"loss": 1.0 / (epoch + 1), "accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.4,
                      "lr": 1e-3, "n_batches": 10})
 
@@ -114,9 +113,6 @@ def test_indices_round_trip():
 
 
 def test_small_helpers():
-    k = np.random.default_rng(0).normal(size=(5, 3, 3, 3))
-    assert pca_2d(k).shape == (5, 2)
-    assert pca_2d(k[:1]).shape == (1, 2)
     assert event_x(3, 5, 10) == pytest.approx(2.5)
     assert event_x(3, 0, None) == 3.0
 
@@ -125,16 +121,21 @@ def test_network_frame_from_a_snapshot(tmp_path):
     store, w = _fake_run(tmp_path / "store")
     from revacnn.storage.live import read_live_snapshot
 
-    rec = record_from_snapshot(read_live_snapshot(store, w.run_id))
     images, labels = store.probes(store.run(w.run_id).session_id)
-    frame = network_frame(rec, images, labels, ["a", "b"], run_id=w.run_id,
-                          previous_uids={"conv1": [0, 1, 2, 3, 9], "conv2": [0, 1, 2]})
+    frame = frame_from_live(read_live_snapshot(store, w.run_id), images, labels, ["a", "b"],
+                            previous_uids={"conv1": np.array([0, 1, 2, 3, 9]), "conv2": np.array([0, 1, 2])})
     conv1, conv2 = frame.layers
+    assert frame.live and frame.batch == 3 and frame.n_batches == 10 and frame.units["dense1"] == 2
     assert conv1.n_filters == 4 and conv1.deleted == [9] and not conv1.added.any()
     assert conv2.added.tolist() == [False, False, False, True, True, True]
     assert conv2.frozen.tolist() == [False, True, False, False, False, False]
+    assert frame.frozen_filters == {"conv2": [1]} and frame.frozen_layers == []
     assert conv1.activations.shape == (2, 4, 8, 8) and "act_mean" in conv1.measures
-    assert MULTI_SELECT  # the shared view's canvas accepted the multi-selection patch
+    # the shared network view highlights a multi-selection through its `selection` parameter
+    view = NetworkView(frame=frame, selection=["conv2:1", "conv2:4"])
+    assert view.render_data()["selected_set"] == ["conv2:1", "conv2:4"]
+    view.selected = ("conv1", 2)
+    assert view.render_data()["selected_set"] == ["conv1:2", "conv2:1", "conv2:4"]
 
 
 def test_permission_outside_a_server():
@@ -191,18 +192,22 @@ def test_permission_per_connection(monkeypatch, ip, host, headers, user, allowed
     assert (why == "") is allowed
 
 
-# ---------------------------------------------------------------------- hub and feed
+# ---------------------------------------------------------------------- the poller and the feed
 def test_feed_follows_snapshot_events_and_commits(tmp_path):
     store, w = _fake_run(tmp_path / "store")
-    hub = LiveHub.for_store(store)
-    feed = hub.subscribe(w.run_id)
+    watcher = StoreWatcher.shared(store.root)
+    feed = watcher.follow(w.run_id)
+    pushed = []
+    feed.listeners.append(lambda: pushed.append(feed.state.version))
     try:
         _wait(lambda: feed.state.live is not None and feed.state.record is not None)
         st: FeedState = feed.state
         assert st.live.batch == 3 and st.live.conv_layers == ["conv1", "conv2"]
         assert st.live.frozen_filters == {"conv2": [1]}
-        assert st.record.source == "epoch" and st.record.n_filters["conv1"] == 4
+        assert not st.record.live and st.record.layer("conv1").n_filters == 4
+        assert st.record.units == {"conv1": 4, "conv2": 6}
         assert st.current is st.live  # the snapshot is newer than the epoch-0 record
+        assert pushed  # every change is pushed to the listening sessions
         v = st.version
         _commit(w, 1, np.random.default_rng(1), frozen=("conv1",))
         _wait(lambda: feed.state.record is not None and feed.state.record.epoch == 1)
@@ -214,8 +219,28 @@ def test_feed_follows_snapshot_events_and_commits(tmp_path):
         w.set_status("finished")
         _wait(lambda: feed.state.status == "finished")
     finally:
-        hub.unsubscribe(feed)
-    assert w.run_id not in hub.feeds
+        watcher.unfollow(feed)
+    assert w.run_id not in watcher.followed()
+
+
+def test_live_embedding_continues_the_recorded_layout(tmp_path):
+    """Between epochs the embedding is a warm-started t-SNE of the snapshot, starting at the record's layout."""
+    store, w = _fake_run(tmp_path / "store")
+    feed = StoreWatcher.shared(store.root).follow(w.run_id)
+    try:
+        feed.want_embedding = time.monotonic() + 60
+        _wait(lambda: feed.state.live is not None and feed.state.live.key[-1] == "tsne", timeout=60)
+        live, record = feed.state.live, feed.state.record
+        for name in ("conv1", "conv2"):
+            pos, ref = live.layer(name).embedding, record.layer(name).embedding
+            assert pos.shape == (len(live.layer(name).uids), 2) and np.isfinite(pos).all()
+            # started from the recorded positions (same uids) and aligned to them: far closer to them
+            # than to a shuffled copy of them
+            d = np.linalg.norm(pos - ref, axis=1).mean()
+            shuffled = np.linalg.norm(pos - ref[::-1], axis=1).mean()
+            assert d < shuffled
+    finally:
+        StoreWatcher.shared(store.root).unfollow(feed)
 
 
 def test_feed_of_fork_includes_parent_epochs(tmp_path):
@@ -223,9 +248,7 @@ def test_feed_of_fork_includes_parent_epochs(tmp_path):
     child = RunWriter.create(store, session_id=store.run(w.run_id).session_id, config={"epochs": 5},
                              parent_run_id=w.run_id, fork_epoch=2)
     _commit(child, 2, np.random.default_rng(5))
-    from revacnn.ui.live import run_metrics
-
-    m = run_metrics(store, child.run_id)
+    m = ReplayData.shared(store.root).bundle(child.run_id, fresh=True).metrics
     assert m["epoch"].tolist() == [0, 1, 2]
     assert m["source_run_id"].tolist() == [w.run_id, w.run_id, child.run_id]
 
@@ -296,24 +319,28 @@ def test_controls_report_send_errors():
 def test_app_attaches_steers_and_follows_to_the_end(tmp_path):
     store, w = _fake_run(tmp_path / "store")
     app = LiveApp(store_path=str(store.root), run_id=w.run_id)
-    app2 = create_live_app(str(store.root), run_id=w.run_id)
+    page2 = create_live_app(str(store.root), run_id=w.run_id)
+    app2 = page2.live_app
     try:
-        _wait(lambda: (app.refresh() or True) and app.network.rec is not None
+        _wait(lambda: (app.refresh() or True) and app.network.frame is not None
               and "batch 3/10" in app.status_line.object)
-        layers = {L["name"]: L for L in app.network.view.render_data()["layers"]}
+        layers = {L["name"]: L for L in app.network.render_data()["layers"]}
         assert layers["conv1"]["n"] == 4 and not layers["conv1"]["layer_frozen"]
         assert w.run_id in app.run_select.options.values()
         # tile clicks toggle filters in the selection; the controls and the views follow
-        app._tile_toggle("conv2", 1)
-        app._tile_toggle("conv2", 2)
+        app.network.selected = ("conv2", 1)  # what a click on a tile does
+        app.network.clicks += 1
+        app.network.selected = ("conv2", 2)
+        app.network.clicks += 1
         assert app.steering.layer == "conv2" and app.steering.selected == [1, 2]
-        assert app.network.view.selection == ["conv2:1", "conv2:2"]
-        assert app.network.view.render_data()["selected_set"] == ["conv2:1", "conv2:2"]
-        app._tile_toggle("conv2", 1)
+        assert app.network.selection == ["conv2:1", "conv2:2"]
+        assert app.network.render_data()["selected_set"] == ["conv2:1", "conv2:2"]
+        app.network.selected = ("conv2", 1)
+        app.network.clicks += 1
         assert app.steering.selected == [2] and app.steering.indices.value == "2"
-        app.tabs.active = 1  # the embedding draws when its tab is shown, with the selection
-        assert app.embedding.source.selected.indices == [2]
-        assert app.embedding.layer == "conv2" and len(app.embedding.source.data["x"]) == 6
+        app.tabs.active = 1  # the embedding (the replay page's view) draws when its tab is shown
+        app.refresh()
+        assert app.embedding.layer == "conv2" and app.embedding.frame is not None
         app.tabs.active = 0
         # freeze conv1 from one session; the fake trainer answers; both sessions see the event
         app.steering.select("conv1", [])
@@ -325,7 +352,7 @@ def test_app_attaches_steers_and_follows_to_the_end(tmp_path):
         _wait(lambda: (app.refresh() or True) and "applied" in app.steering.result.object)
         _wait(lambda: (app2.refresh() or True) and any(r["kind"] == "freeze" for r in app2.event_log.rows()))
         _wait(lambda: (app.refresh() or True)
-              and app.network.view.render_data()["layers"][0]["layer_frozen"])
+              and app.network.render_data()["layers"][0]["layer_frozen"])
         assert app.steering.btn_unfreeze.disabled is False
         # delete every filter of conv1: refused with its reason
         app.steering.select("conv1", [0, 1, 2, 3])
@@ -338,17 +365,31 @@ def test_app_attaches_steers_and_follows_to_the_end(tmp_path):
         w.set_status("finished")
         _wait(lambda: (app.refresh() or True) and app.banner.visible)
         assert "replay?run=" in app.banner.object and app.steering.btn_freeze.disabled
-        _wait(lambda: (app.refresh() or True) and "epoch record 1" in app.network.caption.object)
+        _wait(lambda: (app.refresh() or True) and app.network.frame is not None
+              and not app.network.frame.live and app.network.frame.epoch == 1)
+        # the live page shares the replay page's template (header, colours)
+        assert type(page2).__name__ == "FastListTemplate" and page2.title == "revacnn · live"
     finally:
         app.close()
         app2.close()
 
 
 def test_app_without_runs_says_so(tmp_path):
+    open_store(tmp_path / "empty")
     app = LiveApp(store_path=str(tmp_path / "empty"))
     try:
         app.refresh()
         assert "No run attached" in app.status_line.object
+    finally:
+        app.close()
+
+
+def test_app_on_a_mistyped_path_creates_no_store(tmp_path):
+    app = LiveApp(store_path=str(tmp_path / "typo"))
+    try:
+        app.refresh()
+        assert app.error.visible and "No revacnn store" in app.error.object
+        assert not (tmp_path / "typo").exists()
     finally:
         app.close()
 
