@@ -6,7 +6,9 @@ conv layer that is not frozen yet is asked the doctor's `converged` question
 linear CKA of its probe activations against the previous epoch's). If it has converged it is frozen
 through the same steering op a user would send, and an ``events`` row says so (``kind`` ``freeze``,
 ``args.source`` ``auto-freeze``). Bottom-up, one layer per epoch: a layer is only frozen once every
-conv layer below it is, as in FreezeOut, so frozen layers never sit above trained ones.
+conv layer below it is, as in FreezeOut, so frozen layers never sit above trained ones; and the
+last conv layer, the one the classifier reads, is never frozen: it keeps adapting the features to
+the head (freezing it too cost 6 accuracy points in `benchmarks/bench_doctor.py`).
 
 The decision happens in the main thread at the epoch boundary (not in the recorder's worker), so it
 is deterministic: a resume or a no-change fork replays the same freezes at the same epochs. The peaks
@@ -64,11 +66,12 @@ class AutoFreezer:
         peaks = trainer.state.convergence_peak
         frozen = set(trainer.state.frozen_layers)
         candidate = None
+        top = list(now)[-1] if now else None
         for name, (uids, kernel, acts) in now.items():  # bottom-up, in graph order
             old = self._prev.get(name)
             if old is None or old[0] != uids or old[1].shape != kernel.shape:
                 continue  # new layer or filters changed this epoch: no comparable history
-            if candidate is None and name not in frozen:
+            if candidate is None and name not in frozen and name != top:
                 candidate = (name, LayerArrays(
                     name=name, kernel=kernel, bias=None, activations=acts, grad_l1=None, uids=uids,
                     prev_kernel=old[1], prev_activations=old[2], peak_change=peaks.get(name)))

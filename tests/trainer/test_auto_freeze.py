@@ -41,6 +41,7 @@ def test_freezes_bottom_up_as_events_where_the_doctor_says_converged(auto_run):
     convs = run.epoch(0).conv_layers
     frozen_order = [json.loads(a)["layer"] for a in ev.args]
     assert frozen_order == convs[: len(frozen_order)]  # bottom-up
+    assert convs[-1] not in frozen_order  # the layer the classifier reads keeps training
     assert len(set(ev.epoch)) == len(ev)  # one layer per epoch
     for (_, row), layer in zip(ev.iterrows(), frozen_order, strict=True):
         e = int(row.epoch)
