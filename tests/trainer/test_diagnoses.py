@@ -50,3 +50,24 @@ def test_killed_filter_reads_dead_and_frozen_layer_reads_converged(tmp_path, ker
     assert frozen.suggestion.isna().all()  # already frozen: nothing to suggest
     for s in c[c.layer != "conv1"].suggestion:  # a still-training layer that converged: freeze it
         assert json.loads(s)["op"] == "freeze"
+
+
+def test_colour_dropped_input_shows_the_rgb_pattern(tmp_path, keras_mod, tiny_data):
+    """The paper's case: the input lost its G and B channels; the kernel keeps its initial G/B
+    energy, but what training changed is single-colour, and the doctor says so."""
+    keras_mod.utils.set_random_seed(2)
+    (x, y), (xv, yv) = tiny_data
+    x, xv = x.copy(), xv.copy()
+    x[..., 1:] = 0
+    xv[..., 1:] = 0
+    store = revacnn.open_store(tmp_path / "store")
+    run = revacnn.fit(tiny_cnn(keras_mod), (x, y), validation_data=(xv, yv), epochs=2, batch_size=64,
+                      store=store, probes=8, seed=1, progress=False, embeddings=False)
+    d = store.sql(f"SELECT epoch, layer, kind, score FROM diagnoses WHERE run_id = '{run.run_id}' "
+                  "AND kind = 'rgb_pattern' ORDER BY epoch")
+    assert d[["epoch", "layer"]].values.tolist() == [[1, "conv1"], [2, "conv1"]]
+    assert (d.score == 1.0).all()
+    # the kernel itself still looks colourful: the measure on the raw kernel misses this case
+    layers = store.sql(f"SELECT rgb_mono_fraction FROM layers WHERE run_id = '{run.run_id}' "
+                       "AND layer = 'conv1' AND epoch = 2")
+    assert layers.rgb_mono_fraction[0] < 0.5
