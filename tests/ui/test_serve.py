@@ -26,6 +26,7 @@ def test_serve_guards_steering(monkeypatch, tmp_path, address, auth, steering):
 
     monkeypatch.setattr(pn, "serve", fake_serve)
     monkeypatch.setattr(serve_mod, "_live_factory", fake_live)
+    monkeypatch.delenv("REVACNN_STORE", raising=False)  # serve() sets it for the app: undone after
     assert serve_mod.serve("live", store=str(tmp_path), port=5999, address=address, basic_auth=auth) == 0
     assert set(seen["pages"]) == {"/", "replay", "live"}
     assert seen["address"] == address and built["allow"] is steering
