@@ -74,7 +74,7 @@ def test_activations_are_post_activation_outputs(recorded, keras_mod):
     model = run.load_model(2)
     images, _ = store.probes(run.session_id)
     sub = keras_mod.Model(model.inputs[0], model.get_layer("conv2").output)
-    want = sub(images.astype("float32") / 255.0).numpy()  # (P, H, W, F)
+    want = sub(images).numpy()  # (P, H, W, F): probes are fed as given (here uint8 0..255)
     got = run.epoch(2).layer("conv2").activations.astype(np.float32)  # (P, F, H, W) float16
     np.testing.assert_allclose(got, np.moveaxis(want, -1, 1), rtol=2e-3, atol=2e-3)
     assert got.min() >= 0  # relu
@@ -92,7 +92,7 @@ def test_grad_l1_equals_separate_gradient_tape(tmp_path, keras_mod, tiny_data):
     run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=1, batch_size=len(x), store=store,
                       probes=4, progress=False, embeddings=False)
     loss_fn = keras_mod.losses.SparseCategoricalCrossentropy()
-    xb = tf.constant(x.astype(np.float32) / 255.0)
+    xb = tf.constant(x.astype(np.float32))  # fed as given
     with tf.GradientTape() as tape:
         loss = loss_fn(y, reference(xb, training=True))
     for name in ("conv1", "conv2", "dense1"):
@@ -112,14 +112,25 @@ def test_grad_l1_equals_separate_gradient_tape(tmp_path, keras_mod, tiny_data):
         assert row.grad_l1[0] == pytest.approx(want.sum(), rel=1e-4)
 
 
-def test_unsupported_layer_is_named(keras_mod, tmp_path, tiny_data):
+def test_subclassed_model_gets_one_clear_error(keras_mod, tmp_path, tiny_data):
     L = keras_mod.layers
-    model = keras_mod.Sequential([keras_mod.Input((12, 12, 3)), L.Conv2D(2, 3, name="conv1"),
-                                  L.LSTM(3, name="my_lstm") if False else L.Reshape((10 * 10 * 2,), name="flat_reshape"),
-                                  L.Dense(4, name="out")])
+
+    class Net(keras_mod.Model):
+        def __init__(self):
+            super().__init__(name="net")
+            self.conv1 = L.Conv2D(2, 3, name="conv1")
+            self.flat = L.Flatten()
+            self.out = L.Dense(4, activation="softmax")
+
+        def call(self, x):
+            return self.out(self.flat(self.conv1(x) * 2.0))
+
+    model = Net()
+    model(np.zeros((1, 12, 12, 3), np.float32))
     (x, y), _ = tiny_data
-    with pytest.raises(UnsupportedLayerError, match="flat_reshape.*Reshape"):
+    with pytest.raises(UnsupportedLayerError, match="subclassed model of type Net.*supported: Sequential and functional"):
         revacnn.fit(model, (x, y), epochs=1, store=tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("run.json"))  # nothing recorded
 
 
 def test_bad_epochs_is_refused(keras_mod, tmp_path, tiny_data):
