@@ -71,14 +71,15 @@ def revacnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     )
 
 
-def resnet20(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+def resnet20(input_shape: tuple[int, int, int], num_classes: int, *, dropout: float = 0.0) -> keras.Model:
     """The CIFAR ResNet-20 of He et al. (2016), as a functional model (~0.27M parameters).
 
     rescale → conv1 (16, 3x3) → BN → ReLU → 3 stages × 3 basic blocks (16, 32, 64 filters; the
     first block of stages 2 and 3 halves the resolution) → global average pooling → dense1
     (softmax). A basic block is conv → BN → ReLU → conv → BN, added to its shortcut, then ReLU;
     where the shape changes the shortcut is a 1x1 projection conv with BN. Convolutions are named
-    ``conv1`` … ``conv21`` in creation order (a block's projection after its two convs).
+    ``conv1`` … ``conv21`` in creation order (a block's projection after its two convs). With
+    ``dropout`` > 0, a Dropout layer (``drop``) sits between the pooling and dense1.
 
     Example:
         >>> model = resnet20((32, 32, 3), 10)
@@ -117,6 +118,8 @@ def resnet20(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model
             x = relu(Ly.Add(name=name("add"))([y, shortcut]))
             width = filters
     x = Ly.GlobalAveragePooling2D(name="gap")(x)
+    if dropout:
+        x = Ly.Dropout(dropout, name="drop")(x)
     outputs = Ly.Dense(num_classes, activation="softmax", name="dense1")(x)
     return keras.Model(inputs, outputs, name="resnet20")
 

@@ -188,6 +188,12 @@ def apply(trainer: Trainer, cmd: Command) -> str:
         trainer.rebuild(carry=True)
         verb = "frozen" if op == "freeze-filters" else "unfrozen"
         return f"{layer} filters {idx} {verb} ({len(cur)} frozen filters in the layer)"
+    if op in ("add-filters", "delete-filters", "reinit-filters") and not getattr(trainer, "supports_surgery", True):
+        raise SteeringError(
+            f"{op} needs new variables, which a run recorded by RevacnnCallback inside the user's own "
+            f"model.fit cannot take. Received: {op} {layer} (fork the run instead: revacnn fork "
+            f"{trainer.run_id} --epoch K --{op} ..., which continues under revacnn.fit)"
+        )
     from . import surgery
 
     if op == "add-filters":

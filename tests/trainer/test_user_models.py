@@ -176,14 +176,26 @@ def _reference_fit(keras_mod, build, x, y, xv, yv, *, epochs, bs, seed, compile_
     return model.evaluate(xv, yv, verbose=0, return_dict=True)["accuracy"]
 
 
+def _blobs(n: int, seed: int):
+    """Standardized 16x16 float images of 4 noisy classes: a bright quadrant per class."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = rng.normal(0, 1, (n, 16, 16, 3)).astype(np.float32)
+    for c in range(4):
+        r, q = divmod(c, 2)
+        x[y == c, r * 8 : r * 8 + 8, q * 8 : q * 8 + 8, :] += 0.6
+    return (x - x.mean()) / x.std(), y
+
+
 @pytest.mark.parametrize("which", ["functional", "resnet20"])
 def test_accuracy_matches_plain_model_fit_on_standardized_floats(keras_mod, tmp_path, which):
-    (x, y), (xv, yv) = _shapes(600, 200, size=16, seed=1)
-    epochs, bs, seed = (4, 32, 3)
-    build = (lambda: functional_cnn(keras_mod)) if which == "functional" else (lambda: resnet20((16, 16, 3), 10))
+    (x, y), (xv, yv) = _blobs(600, 1), _blobs(200, 2)
+    epochs, bs, seed = (5, 16, 3)
+    build = (lambda: functional_cnn(keras_mod, n_classes=4)) if which == "functional" else (
+        lambda: resnet20((16, 16, 3), 4))
 
     def compile_kw():
-        return {"optimizer": keras_mod.optimizers.Adam(2e-3), "loss": "sparse_categorical_crossentropy",
+        return {"optimizer": keras_mod.optimizers.Adam(3e-3), "loss": "sparse_categorical_crossentropy",
                 "metrics": ["accuracy"]}
 
     want = _reference_fit(keras_mod, build, x, y, xv, yv, epochs=epochs, bs=bs, seed=seed, compile_kw=compile_kw)
@@ -194,8 +206,8 @@ def test_accuracy_matches_plain_model_fit_on_standardized_floats(keras_mod, tmp_
     run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=epochs, batch_size=bs, store=store,
                       probes=8, seed=seed, progress=False, embeddings=False)
     got = float(run.metrics().val_accuracy.iloc[-1])
-    assert want > 0.3 and got > 0.3, (want, got)  # both learn clearly above chance (0.1)
+    assert want > 0.6 and got > 0.6, (want, got)  # both learn clearly above chance (0.25)
     assert abs(got - want) <= 0.03, (got, want)
     rec = run.epoch(epochs)
-    for r in recorded_layers(model):
+    for r in [r for r in recorded_layers(model) if r.kind == "conv"]:
         np.testing.assert_array_equal(np.moveaxis(rec.layer(r.name).kernel, 0, -1), r.kernel())
