@@ -46,7 +46,15 @@ def _layer_spec(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     # Literal choices: importing revacnn.models would import TensorFlow for every command.
     DATASETS = ("shapes", "cifar10", "mnist", "fashion_mnist")
-    MODELS = ("convnetjs", "revacnn")
+    MODELS = ("convnetjs", "revacnn", "resnet20")
+
+    def _model_name(text: str) -> str:
+        if text in MODELS or (":" in text and all(part.strip() for part in text.split(":", 1))):
+            return text
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(MODELS)}, or MODULE:FUNCTION naming a function "
+            "that returns your Keras model)"
+        )
 
     p = _Parser(prog="revacnn", description="Record, replay and steer CNN training.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -55,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(t)
     t.add_argument("--dataset", default="shapes", choices=DATASETS)
     t.add_argument("--data-dir", default=None)
-    t.add_argument("--model", default="convnetjs", choices=sorted(MODELS))
+    t.add_argument("--model", default="convnetjs", type=_model_name, metavar="{" + ",".join(MODELS) + ",MODULE:FUNCTION}",
+                   help="a built-in model, or MODULE:FUNCTION naming your factory, called as "
+                        "FUNCTION(input_shape, num_classes) (or with no arguments); default convnetjs")
     t.add_argument("--epochs", type=_positive_int, default=10)
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)

@@ -231,7 +231,7 @@ class RevacnnCallback(keras.callbacks.Callback):
         self.run_id = writer.run_id
         self.core = core = _FitCore(model, writer, cfg, px, labels)
         model.train_step = types.MethodType(core.make_train_step(), model)
-        model.train_function = None  # traced again with the wrapped step
+        model.make_train_function(force=True)  # traced again, with the wrapped step
         core.record(0, train_loss=None, train_acc=None, duration=0.0, n_batches=0)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

@@ -71,7 +71,8 @@ def revacnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
     )
 
 
-def resnet20(input_shape: tuple[int, int, int], num_classes: int, *, dropout: float = 0.0) -> keras.Model:
+def resnet20(input_shape: tuple[int, int, int], num_classes: int, *, dropout: float = 0.0,
+             rescale: bool = True) -> keras.Model:
     """The CIFAR ResNet-20 of He et al. (2016), as a functional model (~0.27M parameters).
 
     rescale → conv1 (16, 3x3) → BN → ReLU → 3 stages × 3 basic blocks (16, 32, 64 filters; the
@@ -79,7 +80,9 @@ def resnet20(input_shape: tuple[int, int, int], num_classes: int, *, dropout: fl
     (softmax). A basic block is conv → BN → ReLU → conv → BN, added to its shortcut, then ReLU;
     where the shape changes the shortcut is a 1x1 projection conv with BN. Convolutions are named
     ``conv1`` … ``conv21`` in creation order (a block's projection after its two convs). With
-    ``dropout`` > 0, a Dropout layer (``drop``) sits between the pooling and dense1.
+    ``dropout`` > 0, a Dropout layer (``drop``) sits between the pooling and dense1. ``rescale``
+    (default, for the uint8 built-in datasets) maps 0..255 to 0..1 first; pass ``rescale=False``
+    for inputs that are standardized already.
 
     Example:
         >>> model = resnet20((32, 32, 3), 10)
@@ -104,7 +107,7 @@ def resnet20(input_shape: tuple[int, int, int], num_classes: int, *, dropout: fl
         return Ly.ReLU(name=name("relu"))(x)
 
     inputs = keras.Input(input_shape)
-    x = Ly.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = Ly.Rescaling(1.0 / 255.0, name="rescale")(inputs) if rescale else inputs
     x = relu(bn(conv(x, 16, 3)))
     width = 16
     for stage, filters in enumerate((16, 32, 64)):
@@ -131,16 +134,54 @@ MODELS: dict[str, Callable[[tuple[int, int, int], int], keras.Model]] = {
 }
 
 
+def model_factory(spec: str) -> Callable[..., keras.Model]:
+    """The user's model factory named ``MODULE:FUNCTION`` (imported; `ConfigError` if it is not there).
+
+    Example:
+        >>> model_factory("revacnn.models.zoo:resnet20")((32, 32, 3), 10).name
+        'resnet20'
+    """
+    import importlib
+
+    module, _, func = spec.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:
+        raise ConfigError(f"Cannot import the model module. Received: model={spec!r} ({type(exc).__name__}: {exc})") from None
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise ConfigError(f"Received: model={spec!r} ({module} has no function {func!r})")
+    return fn
+
+
+def _call_factory(fn: Callable[..., keras.Model], spec: str, input_shape: tuple[int, int, int],
+                  num_classes: int) -> keras.Model:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    model = fn(input_shape, num_classes) if len(params) >= 2 else fn()
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"Received: model={spec!r} returned {type(model).__name__} (expected a keras.Model)")
+    return model
+
+
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """Build a built-in model by name.
+    """Build a built-in model by name, or call the user's factory ``MODULE:FUNCTION``.
 
     Example:
         >>> model = build_model("convnetjs", (32, 32, 3), 10)
         >>> [l.name for l in conv_layers(model)]
         ['conv1', 'conv2', 'conv3']
     """
+    if isinstance(name, str) and ":" in name and name not in MODELS:
+        return _call_factory(model_factory(name), name, tuple(input_shape), int(num_classes))
     if name not in MODELS:
-        raise ConfigError(f"Unknown model. Received: model={name!r} (expected one of {', '.join(MODELS)})")
+        raise ConfigError(
+            f"Unknown model. Received: model={name!r} (expected one of {', '.join(MODELS)} or MODULE:FUNCTION)"
+        )
     return MODELS[name](tuple(input_shape), int(num_classes))
 
 

@@ -116,6 +116,24 @@ def _probes(data: TrainData, probes: Any, seed: int) -> tuple[np.ndarray, np.nda
     return x[pidx], y[pidx], pidx
 
 
+def _one_hot(data: TrainData) -> bool:
+    src = data.train
+    if isinstance(src, ArraySource):
+        return src.y.ndim == 2 and src.y.shape[1] > 1
+    spec = getattr(getattr(src, "ds", None), "element_spec", None)
+    if isinstance(spec, tuple) and len(spec) > 1 and hasattr(spec[1], "shape"):
+        shape = spec[1].shape
+        return shape.rank == 2 and (shape[-1] or 0) > 1
+    return False
+
+
+def _default_loss(data: TrainData) -> keras.losses.Loss:
+    """Cross-entropy for an uncompiled model: sparse for integer labels, categorical for one-hot."""
+    if _one_hot(data):
+        return keras.losses.CategoricalCrossentropy()
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
 def fit(
     model: keras.Model,
     data: Any,
@@ -139,7 +157,8 @@ def fit(
     Args:
         model: a built Keras 3 Sequential or functional model (nested models included). A compiled
             model trains with its own optimizer (schedules included), loss and metrics; an
-            uncompiled one with Adam(``lr``) and sparse categorical cross-entropy.
+            uncompiled one with Adam(``lr``) and sparse categorical cross-entropy (categorical for
+            one-hot labels).
         data: ``(x, y)`` arrays of any numeric dtype, fed exactly as given (labels integers or
             one-hot), or a ``tf.data.Dataset`` / ``keras.utils.PyDataset`` of ``(x, y)`` batches.
         validation_data: the same kinds; probes come from it (from ``data`` arrays when absent).
@@ -193,7 +212,7 @@ def fit(
         probe_indices=pidx, class_names=names, config=cfg.to_dict(),
     )
     if not compiled:
-        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
+        model.compile(optimizer=optimizer, loss=_default_loss(tdata))
     optimizer.build(model.trainable_variables)
     writer = RunWriter.create(st, session_id=sid, config=cfg.to_dict(), name=name)
     trainer = Trainer(

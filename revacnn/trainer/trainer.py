@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from ..config import TrainConfig
 from ..errors import ConfigError

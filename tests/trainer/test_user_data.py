@@ -57,7 +57,8 @@ def test_tf_data_with_augmentation_trains_records_and_forks_exactly(keras_mod, t
     child = fork(store, run.run_id, 1, data=(ds2, val2), progress=False)
     for e in (2, 3):
         np.testing.assert_array_equal(child.epoch(e).layer("conv1").kernel, run.epoch(e).layer("conv1").kernel)
-    assert child.metrics().loss.tolist()[1:] == m.loss.tolist()[2:]
+    cm = child.metrics()
+    assert cm[cm.epoch >= 2].loss.tolist() == m[m.epoch >= 2].loss.tolist()
 
 
 def test_pydataset_and_integer_arrays_of_any_dtype(keras_mod, tmp_path):
@@ -162,11 +163,16 @@ def test_keras_callbacks_work_unchanged(keras_mod, tmp_path):
         keras_mod.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=1e9),
         keras_mod.callbacks.CSVLogger(str(csv)),
         keras_mod.callbacks.ModelCheckpoint(str(tmp_path / "m{epoch}.keras")),
-        keras_mod.callbacks.TensorBoard(str(tmp_path / "tb")),
     ]
+    try:  # TensorBoard needs the tensorboard package (not a revacnn dependency)
+        import tensorboard  # noqa: F401
+
+        cbs.append(keras_mod.callbacks.TensorBoard(str(tmp_path / "tb")))
+    except ImportError:
+        pass
     store = revacnn.open_store(tmp_path / "s")
-    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=3, store=store, probes=4, progress=False,
-                      embeddings=False, callbacks=cbs)
+    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=3, batch_size=32, store=store, probes=4,
+                      progress=False, embeddings=False, callbacks=cbs)
     assert seen["begin"] == seen["end"] == 1 and seen["batches"] == 3 * 4
     assert [e for e, _ in seen["epoch_logs"]] == [0, 1, 2]
     logs = seen["epoch_logs"][-1][1]
@@ -180,4 +186,5 @@ def test_keras_callbacks_work_unchanged(keras_mod, tmp_path):
     rows = pd.read_csv(csv)
     assert rows.epoch.tolist() == [0, 1, 2] and "val_loss" in rows
     assert sorted(p.name for p in tmp_path.glob("m*.keras")) == ["m1.keras", "m2.keras", "m3.keras"]
-    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    if len(cbs) == 5:
+        assert list((tmp_path / "tb").rglob("events.out.tfevents*"))

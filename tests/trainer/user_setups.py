@@ -48,7 +48,7 @@ def build(kind: str):
         model.compile(optimizer=keras.optimizers.AdamW(learning_rate=sched, weight_decay=0.05),
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     elif kind == "resnet20":
-        model = resnet20((8, 8, 3), 4, dropout=0.3)
+        model = resnet20((8, 8, 3), 4, dropout=0.3, rescale=False)
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
                       loss="categorical_crossentropy", metrics=["accuracy"])
     else:
@@ -83,3 +83,17 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def cli_factory(input_shape, num_classes):
+    """A user's model factory for ``revacnn train --model tests.trainer.user_setups:cli_factory``."""
+    import keras
+
+    L = keras.layers
+    inp = keras.Input(input_shape)
+    h = L.Rescaling(1.0 / 255.0, name="scale")(inp)
+    h = L.Conv2D(4, 3, padding="same", activation="relu", name="c1")(h)
+    b = L.Conv2D(4, 3, padding="same", name="c2")(h)
+    h = L.Add(name="res")([h, b])
+    out = L.Dense(num_classes, activation="softmax", name="out")(L.GlobalAveragePooling2D()(h))
+    return keras.Model(inp, out, name="cli_net")
