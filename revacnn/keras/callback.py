@@ -172,6 +172,8 @@ class RevacnnCallback(keras.callbacks.Callback):
         class_names: names of the classes, for the app.
         embeddings: compute t-SNE embeddings of the filters (in a worker).
         live_every_s: period of the live snapshot for the live app (0 disables it).
+        batch_size: the fit's batch size, recorded so that a fork of the run on arrays under
+            `revacnn.fit` uses it (default 32, Keras' own default).
 
     Attributes:
         run_id: the recorded run's id (set at ``on_train_begin``).
@@ -184,7 +186,7 @@ class RevacnnCallback(keras.callbacks.Callback):
 
     def __init__(self, store: Store | str | None = None, probes: tuple[Any, Any] | None = None, *,
                  name: str | None = None, seed: int = 0, class_names: Sequence[str] | None = None,
-                 embeddings: bool = True, live_every_s: float = 1.0) -> None:
+                 embeddings: bool = True, live_every_s: float = 1.0, batch_size: int = 32) -> None:
         super().__init__()
         if not (isinstance(probes, (tuple, list)) and len(probes) == 2 and len(probes[0]) == len(probes[1])
                 and len(probes[0]) > 0):
@@ -199,6 +201,7 @@ class RevacnnCallback(keras.callbacks.Callback):
         self.class_names = list(class_names) if class_names else None
         self.embeddings = embeddings
         self.live_every_s = float(live_every_s)
+        self.batch_size = int(batch_size)
         self.run_id: str | None = None
         self.core: _FitCore | None = None
         self._t_epoch = 0.0
@@ -218,7 +221,7 @@ class RevacnnCallback(keras.callbacks.Callback):
         labels = class_indices(py)
         n_classes = int(model.output_shape[-1])
         cfg = TrainConfig(
-            dataset="custom", model="custom", epochs=int(params.get("epochs") or 0), batch_size=1,
+            dataset="custom", model="custom", epochs=int(params.get("epochs") or 0), batch_size=self.batch_size,
             lr=float(np.asarray(model.optimizer.learning_rate)), optimizer=type(model.optimizer).__name__.lower(),
             train_size=None, val_size=None, probes=len(labels), seed=self.seed, name=self.name,
             embeddings=self.embeddings, live_every_s=self.live_every_s, runtime=runtime_settings(),

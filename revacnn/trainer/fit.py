@@ -367,6 +367,7 @@ def fork(
     data: Any = None,
     on_start: Any = None,
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
+    batch_size: int | None = None,
 ) -> Run:
     """Branch a new run from ``run_id``'s recorded ``epoch`` with ``changes`` applied at that point.
 
@@ -378,6 +379,10 @@ def fork(
         epochs: the total epochs of the fork's history (default: the parent's).
         lr: a new learning rate from the fork point on.
         name: the fork's name.
+        data: for runs on custom data (`fit`, `RevacnnCallback`): ``(train, validation)``, each
+            ``(x, y)`` arrays, a tf.data.Dataset or a PyDataset.
+        callbacks: Keras callbacks for the fork's training.
+        batch_size: a new batch size for array data (default: the parent's).
 
     Returns:
         The new `Run`.
@@ -399,6 +404,10 @@ def fork(
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"Received: lr={lr!r} (expected a number > 0)")
         config.lr = float(lr)
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"Received: batch_size={batch_size!r} (expected an integer >= 1)")
+        config.batch_size = batch_size
     config.name = name
     config.extra = {**{k: v for k, v in config.extra.items() if k in ("data", "validation_data")},
                     "fork_changes": [c.to_json() for c in changes]}

@@ -134,7 +134,7 @@ def test_early_stopping_ends_at_the_epoch_model_fit_ends(keras_mod, tmp_path):
     assert run.epochs() == list(range(len(hist.epoch) + 1))
     row = store.runs().set_index("run_id").loc[run.run_id]
     assert row.status == "finished"
-    assert "ended early after epoch" in str(store.run(run.run_id).info.get("message", "")) or True
+    assert f"ended early after epoch {len(hist.epoch)} of 8" in store.run(run.run_id).status_info["message"]
 
 
 def test_keras_callbacks_work_unchanged(keras_mod, tmp_path):
@@ -180,7 +180,8 @@ def test_keras_callbacks_work_unchanged(keras_mod, tmp_path):
     m = run.metrics()
     assert logs["val_loss"] == pytest.approx(m.val_loss.iloc[-1])
     lrs = m.lr.tolist()
-    assert lrs[1] == pytest.approx(1e-3) and lrs[2] == pytest.approx(5e-4) and lrs[3] == pytest.approx(2.5e-4)
+    # ReduceLROnPlateau: the first epoch counts as an improvement, the second does not -> halved for the third
+    assert lrs[1] == pytest.approx(1e-3) and lrs[2] == pytest.approx(1e-3) and lrs[3] == pytest.approx(5e-4)
     import pandas as pd
 
     rows = pd.read_csv(csv)
