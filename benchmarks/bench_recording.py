@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, table  # noqa: E402
 
-SIZES = {"convnetjs": (4000, 1000), "resnet20": (800, 400)}
+SIZES = {"convnetjs": (2000, 500), "resnet20": (500, 250)}
 
 
 def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int]) -> dict:
@@ -119,7 +119,8 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
             wait_commit(epoch)
 
     t = {"fit": [], "recorded": [], "off": []}
-    for _ in range(samples):
+    for i in range(samples):
+        print(f"{name}: sample {i + 1}/{samples}", file=sys.stderr, flush=True)
         plain.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0, callbacks=[fit_timer])
         t["fit"].append(fit_timer.times[-1])
         recording(True)
@@ -157,15 +158,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--models", default="convnetjs,resnet20")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--spe", default="1,8,32", help="steps_per_execution values to tune fit over")
+    p.add_argument("--spe", default="1,16", help="steps_per_execution values to tune fit over")
     args = p.parse_args(argv)
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()  # as revacnn runs by default, for every variant
-    rows = [
-        _bench_model(m, args.samples, args.batch_size, [int(s) for s in args.spe.split(",")])
-        for m in args.models.split(",")
-    ]
+    rows = []
+    for m in args.models.split(","):
+        rows.append(_bench_model(m, args.samples, args.batch_size, [int(s) for s in args.spe.split(",")]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(table(rows))
     print(json.dumps(rows))
     return rows

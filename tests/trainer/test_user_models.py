@@ -211,3 +211,34 @@ def test_accuracy_matches_plain_model_fit_on_standardized_floats(keras_mod, tmp_
     rec = run.epoch(epochs)
     for r in [r for r in recorded_layers(model) if r.kind == "conv"]:
         np.testing.assert_array_equal(np.moveaxis(rec.layer(r.name).kernel, 0, -1), r.kernel())
+
+
+def test_freeze_anywhere_in_a_graph_and_surgery_refused_with_the_reason(keras_mod, tmp_path):
+    from revacnn.errors import RevacnnError
+    from revacnn.steering import parse
+    from revacnn.trainer import fork
+
+    keras_mod.utils.set_random_seed(11)
+    (x, y), (xv, yv) = _blobs(96, 3), _blobs(32, 4)
+    model = functional_cnn(keras_mod, n_classes=4)
+    model.compile(optimizer=keras_mod.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    store = revacnn.open_store(tmp_path / "s")
+    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=1, batch_size=32, store=store, probes=4,
+                      progress=False, embeddings=False)
+    data = ((x, y), (xv, yv))
+    child = fork(store, run.run_id, 1, epochs=3, data=data, progress=False,
+                 changes=[parse("freeze", ["block1/conv_a"]), parse("freeze-filters", ["block1/dw", "0", "3"])])
+    k1 = run.epoch(1)
+    for e in (2, 3):
+        rec = child.epoch(e)
+        np.testing.assert_array_equal(rec.layer("block1/conv_a").kernel, k1.layer("block1/conv_a").kernel)
+        np.testing.assert_array_equal(rec.layer("block1/conv_a").bias, k1.layer("block1/conv_a").bias)
+        assert rec.layer("block1/conv_a").grad_l1.sum() == 0  # not in the gradient computation
+        dw = rec.layer("block1/dw").kernel
+        np.testing.assert_array_equal(dw[[0, 3]], k1.layer("block1/dw").kernel[[0, 3]])
+        assert not np.array_equal(dw[[1, 2]], k1.layer("block1/dw").kernel[[1, 2]])
+    assert not np.array_equal(child.epoch(3).layer("conv2").kernel, k1.layer("conv2").kernel)
+    n_runs = len(store.runs())
+    with pytest.raises(RevacnnError, match="chain"):
+        fork(store, run.run_id, 1, data=data, progress=False, changes=[parse("add-filters", ["conv2", "2"])])
+    assert len(store.runs()) == n_runs
