@@ -18,7 +18,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/revacnn demo --store $(STORE)
 
-test: $(STAMP)
+test: $(STAMP)  # includes tests/test_import_contract.py (lint-imports)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -26,6 +26,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check revacnn apps tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -11,6 +11,7 @@ HERE = Path(__file__).resolve().parent
 ORDER = [
     ("recording", "bench_recording.py", []),
     ("freeze", "bench_freeze.py", []),
+    ("surgery", "bench_surgery.py", []),
     ("patterns", "bench_patterns.py", []),
     ("embedding", "bench_embedding.py", []),
     ("replay", "bench_replay.py", []),

@@ -14,6 +14,7 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hide the CUDA-probe noise on CPU machines
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from . import _facade  # noqa: E402,F401  (installs Run.fork / Run.steer / Run.load_model)
 from .config import TrainConfig  # noqa: E402
 from .errors import (  # noqa: E402
     ConfigError,

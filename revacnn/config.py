@@ -37,6 +37,7 @@ class TrainConfig:
     embedding_features: str = "weights"  # node-level t-SNE features: weights | activations | gradients
     embeddings: bool = True  # compute t-SNE embeddings (in a worker, off the training hot path)
     live_every_s: float = 1.0  # period of the live snapshot for the live app (0 disables it)
+    auto_freeze: bool = False  # freeze converged conv layers bottom-up, as events (docs/diagnoses.md)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, e.g. what a fork changed
     runtime: dict[str, Any] = field(default_factory=dict)  # threads and oneDNN setting it ran under
 

@@ -1,8 +1,11 @@
-"""Steering: commands sent through the store to a live trainer, and the exact model surgery behind them."""
+"""Steering: commands as plain data (`commands`), sent through the store (`channel`); model surgery.
+
+Applying a command to a live trainer lives with the trainer (`revacnn.trainer.steer`).
+"""
 
 from __future__ import annotations
 
-from .channel import Command, CommandQueue, send, wait_for_event
-from .ops import OPS, apply, parse
+from .channel import CommandQueue, send, wait_for_event
+from .commands import OPS, Command, parse
 
-__all__ = ["OPS", "Command", "CommandQueue", "apply", "parse", "send", "wait_for_event"]
+__all__ = ["OPS", "Command", "CommandQueue", "parse", "send", "wait_for_event"]

@@ -4,34 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..storage import Store
-from ..storage._layout import atomic_write_json
-
-
-@dataclass
-class Command:
-    """A steering request as it travels through the store.
-
-    Attributes:
-        op: the operation (``freeze``, ``add-filters`` …).
-        args: its arguments (``{"layer": "conv1"}`` …).
-        command_id: unique id; the resulting event carries it as ``event_id``.
-        sent_at: UNIX time the sender wrote it.
-    """
-
-    op: str
-    args: dict[str, Any] = field(default_factory=dict)
-    command_id: str = field(default_factory=lambda: f"cmd-{secrets.token_hex(6)}")
-    sent_at: float = field(default_factory=time.time)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"op": self.op, "args": self.args, "command_id": self.command_id, "sent_at": self.sent_at}
+from ..storage import EVENTS_SCHEMA, Store, atomic_write_json, event_files, read_tables
+from .commands import Command
 
 
 def send(store: Store, run_id: str, command: Command) -> Command:
@@ -90,9 +68,6 @@ class CommandQueue:
 
 def wait_for_event(store: Store, run_id: str, command_id: str, *, timeout_s: float = 30.0) -> dict[str, Any] | None:
     """Poll the run's events until the one for ``command_id`` appears; None on timeout."""
-    from ..storage._schema import EVENTS_SCHEMA
-    from ..storage._tables import event_files, read_tables
-
     deadline = time.time() + timeout_s
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in command_id)[:40]
     while True:

@@ -18,7 +18,11 @@ or removed filters. Here every structural change is exact:
   consumer's input slice is the exact reference, and that is what deletion reproduces.
 * ``reinit_filters`` redraws some filters in place and zeroes their optimizer slot slices.
 
-Supported models: ``keras.Sequential`` models and functional models that are a single chain
+Graphs (residual ``Add``, ``Concatenate``, depthwise convolutions) are handled by
+`revacnn.steering.graph`, which the live trainer and forks use for every model; on a chain it gives
+the same result as this module, whose optimizer transfer it reuses.
+
+Supported models here: ``keras.Sequential`` models and functional models that are a single chain
 (one input, one output, every layer fed by the previous one), channels_last, made of Conv2D,
 Dense, pooling (MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D),
 BatchNormalization, Dropout/SpatialDropout2D, Activation/ReLU/LeakyReLU/ELU, padding/cropping and
@@ -317,6 +321,32 @@ def _apply_remap(old: np.ndarray, new_shape: tuple[int, ...], remap: _Remap) -> 
     return np.moveaxis(out, 0, remap.axis)
 
 
+def _zero_remap(value: np.ndarray, remap: _Remap | Sequence[_Remap]) -> np.ndarray:
+    """Apply a remap (or a sequence of them, one axis each) with zeros for new positions."""
+    for step in [remap] if isinstance(remap, _Remap) else remap:
+        shape = list(value.shape)
+        shape[step.axis] = len(step.kept)
+        value = _apply_remap(value, tuple(shape), _Remap(step.axis, step.kept, _const(0.0)))
+    return value
+
+
+def _refuse_mixing(layer: keras.layers.Layer, target: str, what: str) -> None:
+    """Refuse a layer whose activation mixes channels (softmax over channels ...)."""
+    from .graph import _activation_name, _elementwise
+
+    if isinstance(layer, L.Softmax):
+        name = "softmax"
+    else:
+        act = getattr(layer, "activation", None)
+        if act is None or _elementwise(act):
+            return
+        name = _activation_name(act)
+    raise SteeringError(
+        f"Cannot {what} layer {target!r}: the change reaches layer {layer.name!r}, whose "
+        f"activation {name!r} mixes channels; surgery through it is refused"
+    )
+
+
 def _seeds(seed: int | None, n: int) -> list[int]:
     rng = np.random.default_rng(seed)
     return [int(s) for s in rng.integers(0, 2**31 - 1, size=n)]
@@ -349,8 +379,11 @@ def _plan(
 
     shapes = _input_shapes(model, layers)
     feat = kept  # old feature index of every new feature on the last axis
+    _refuse_mixing(op, layer, what)
     for j in range(i + 1, len(layers)):
         nxt = layers[j]
+        if isinstance(nxt, (L.Activation, L.Softmax)):
+            _refuse_mixing(nxt, layer, what)
         if _is_channelwise(nxt):
             continue
         if isinstance(nxt, L.Flatten) and not isinstance(nxt, keras.Model):
@@ -556,9 +589,7 @@ def _transfer_optimizer(
             target = new_slots.get(key)
             remap = plan.get(id(old_refs[key[0]]))
             if remap is not None and target is not None:
-                value = _apply_remap(
-                    value, tuple(target.shape), _Remap(remap.axis, remap.kept, _const(0.0))
-                )
+                value = _zero_remap(value, remap)
         if target is None or tuple(target.shape) != tuple(value.shape) or id(target) in filled:
             raise SteeringError(
                 f"Cannot carry optimizer variable {old_var.path!r} over to the rebuilt "

@@ -81,6 +81,21 @@ SEGMENT_TABLES: dict[str, pa.Schema] = {
             ("correct", pa.bool_()),
         ]
     ),
+    # The filter doctor's findings (revacnn/analysis/doctor.py, docs/diagnoses.md).
+    "diagnoses": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("epoch", pa.int32()),
+            ("layer", pa.string()),
+            ("filter_uid", pa.int64()),  # NULL for a layer-level finding
+            ("kind", pa.string()),  # dead | redundant | converged | cluster_pattern | rgb_pattern
+            ("score", pa.float64()),
+            ("suggestion", pa.string()),  # JSON steering command, or NULL
+            ("message", pa.string()),
+            # extras
+            ("filter", pa.int32()),  # the filter's index at that epoch
+        ]
+    ),
 }
 
 EVENTS_SCHEMA = pa.schema(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,10 @@ if TYPE_CHECKING:
     from .store import Store
 
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MEMORY_LIMIT = "1GB"  # DuckDB's own memory, per store; queries never spill to disk
+_CHUNK_VECTORS = 16  # DuckDB vectors (2,048 rows each) fetched per pandas chunk
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 TABLES = ("sessions", "runs", "epochs", "layers", "filters", "events", "probes", "predictions")
 
@@ -113,17 +119,100 @@ class _FileCache:
         return t
 
 
+def memory_bytes(limit: str) -> int:
+    """Bytes of a DuckDB-style memory size such as ``"1GB"`` or ``"512MiB"``.
+
+    Raises:
+        SQLError: the text is not such a size.
+
+    Example:
+        >>> memory_bytes("64MB")
+        64000000
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)\s*", str(limit).lower())
+    if not m or m.group(2) not in _UNITS:
+        raise SQLError(f"Received: memory_limit={limit!r} (expected a size such as '1GB' or '512MiB')")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def sandboxed_connection(
+    load: Callable[[duckdb.DuckDBPyConnection], None],
+    *,
+    allowed_paths: Sequence[str | Path] = (),
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    threads: int = 2,
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB database filled by ``load``, then sealed so that queries touch no file.
+
+    What a query can do after sealing:
+
+    - read no file and write none: the local file system is disabled (``disabled_filesystems``),
+      external access is off, and no directory is allowed. Not even DuckDB's own temp folder:
+      by default DuckDB allows ``<cwd>/.tmp/`` even with external access off, so here
+      ``temp_directory`` is empty and ``max_temp_directory_size`` is 0 (nothing spills to disk);
+    - use at most ``memory_limit`` of memory (a bigger query fails instead of spilling);
+    - install or load no extension (no auto-install or auto-load, no community extensions),
+      use no persistent secret, and scan no Python variable;
+    - change none of this: ``lock_configuration`` is set last.
+
+    Args:
+        load: fills the database (CREATE TABLE ...) before it is sealed; it may read files.
+        allowed_paths: files queries may still read (for example Parquet segments read in place).
+            Empty (the default): the local file system is disabled altogether.
+        memory_limit: DuckDB's memory limit, such as ``"1GB"``.
+        threads: DuckDB worker threads.
+
+    Example:
+        >>> con = sandboxed_connection(lambda c: c.execute("CREATE TABLE t AS SELECT 1 AS x"))
+        >>> con.execute("SELECT x FROM t").fetchall()
+        [(1,)]
+    """
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "threads": threads,
+            "memory_limit": memory_limit,
+            "temp_directory": "",
+            "max_temp_directory_size": "0B",
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "allow_community_extensions": False,
+        },
+    )
+    load(con)
+    if allowed_paths:
+        paths = ", ".join("'" + str(p).replace("'", "''") + "'" for p in allowed_paths)
+        con.execute(f"SET GLOBAL allowed_paths = [{paths}]")
+    else:
+        con.execute("SET GLOBAL disabled_filesystems = 'LocalFileSystem'")
+    con.execute("SET GLOBAL allowed_directories = []")
+    con.execute("SET GLOBAL python_enable_replacements = false")
+    con.execute("SET GLOBAL allow_persistent_secrets = false")
+    con.execute("SET GLOBAL enable_external_access = false")
+    con.execute("SET GLOBAL lock_configuration = true")
+    return con
+
+
 class SQLEngine:
     """Answers read-only SQL over a store.
 
-    Each query runs on an in-memory DuckDB database holding the store's tables, with
-    ``enable_external_access=false`` and ``lock_configuration=true``: a query cannot read or
-    write files, and only SELECT statements are accepted. The database is rebuilt when the
-    store's files change (new epochs, new runs) and reused otherwise.
+    Each query runs on an in-memory DuckDB database holding the store's tables, sealed by
+    `sandboxed_connection`: a query cannot read or write any file (DuckDB's temp folder
+    included), uses at most ``memory_limit`` of memory and ``timeout_s`` of time, and only
+    single SELECT statements are accepted; a result may take at most ``memory_limit`` as a
+    DataFrame too. The database is rebuilt when the store's files
+    change (new epochs, new runs) and reused otherwise.
+
+    Example:
+        >>> SQLEngine(store, memory_limit="256MB").query("SELECT count(*) FROM epochs")
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, *, memory_limit: str = DEFAULT_MEMORY_LIMIT
+    ) -> None:
         self._store = store
+        self._memory_limit = memory_limit
+        self._max_result_bytes = memory_bytes(memory_limit)
         self._files = _FileCache()
         self._lock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
@@ -163,24 +252,31 @@ class SQLEngine:
         with self._lock:
             if self._con is not None and fingerprint == self._fingerprint:
                 return self._con
-            con = duckdb.connect(":memory:", config={"threads": 2})
             schemas = dict(SEGMENT_TABLES)
             schemas["events"] = EVENTS_SCHEMA
-            for table, schema in schemas.items():
-                parts = [t for t in (self._files.read(p, schema) for p in files[table]) if t is not None]
-                if parts:
-                    arrow = pa.concat_tables(parts)  # noqa: F841 - read by DuckDB's replacement scan
-                    con.execute(f'CREATE TABLE "{table}" AS SELECT * FROM arrow')
-                else:
-                    con.execute(ddl(table, schema))
-            for name, df in (("sessions", sessions), ("runs", runs), ("probes", probes)):
-                con.register("_df", df)
-                con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _df')
-                con.unregister("_df")
-            # Rows of epochs whose marker is missing were already excluded by file selection.
-            con.execute(TIMELINE_SQL)
-            con.execute("SET enable_external_access = false")
-            con.execute("SET lock_configuration = true")
+
+            def load(con: duckdb.DuckDBPyConnection) -> None:
+                for table, schema in schemas.items():
+                    parts = [t for t in (self._files.read(p, schema) for p in files[table]) if t is not None]
+                    if parts:
+                        con.register("_arrow", pa.concat_tables(parts))
+                        con.execute(f'CREATE TABLE "{table}" AS SELECT * FROM _arrow')
+                        con.unregister("_arrow")
+                    else:
+                        con.execute(ddl(table, schema))
+                for name, df in (("sessions", sessions), ("runs", runs), ("probes", probes)):
+                    con.register("_df", df)
+                    con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _df')
+                    con.unregister("_df")
+                # Rows of epochs whose marker is missing were already excluded by file selection.
+                con.execute(TIMELINE_SQL)
+
+            try:
+                con = sandboxed_connection(load, memory_limit=self._memory_limit)
+            except duckdb.OutOfMemoryException:
+                raise SQLError(
+                    f"The store's tables need more than the SQL memory limit of {self._memory_limit}"
+                ) from None
             # The old connection is not closed here: another thread may still be reading from a
             # cursor of it; it is freed when the last reference goes.
             self._con, self._fingerprint = con, fingerprint
@@ -196,9 +292,26 @@ class SQLEngine:
             timer.daemon = True
             timer.start()
         try:
-            return cur.execute(sql).df()
+            cur.execute(sql)
+            parts = [cur.fetch_df_chunk(_CHUNK_VECTORS)]
+            size = int(parts[0].memory_usage(deep=True).sum())
+            while len(parts[-1]) and size <= self._max_result_bytes:
+                parts.append(cur.fetch_df_chunk(_CHUNK_VECTORS))
+                size += int(parts[-1].memory_usage(deep=True).sum())
+            if size > self._max_result_bytes:
+                raise SQLError(
+                    f"Query result needs more than the memory limit of {self._memory_limit} "
+                    f"(more than {sum(len(c) for c in parts):,} rows so far); aggregate, filter or add a LIMIT"
+                )
+            parts = [c for c in parts if len(c)] or parts[:1]
+            return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
         except duckdb.InterruptException:
             raise SQLError(f"Query cancelled after the time limit of {timeout_s:g} s") from None
+        except duckdb.OutOfMemoryException:
+            raise SQLError(
+                f"Query stopped: it needs more than the memory limit of {self._memory_limit} "
+                "(aggregate or filter more, or add a LIMIT)"
+            ) from None
         except duckdb.PermissionException:
             raise SQLError(
                 "Queries cannot read or write files; query the store's tables "

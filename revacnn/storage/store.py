@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,9 +27,6 @@ from ._layout import FORMAT_NAME, FORMAT_VERSION, Layout, atomic_write_json
 from ._schema import EVENTS_SCHEMA, PROBES_COLUMNS, RUNS_COLUMNS, SEGMENT_TABLES, SESSIONS_COLUMNS
 from ._tables import committed_epochs, event_files, read_tables, table_files
 from .sql import SQLEngine
-
-if TYPE_CHECKING:
-    import keras
 
 #: A run whose trainer has not written a heartbeat for this long reads as `interrupted`.
 HEARTBEAT_TIMEOUT_S = 30.0
@@ -75,6 +72,21 @@ def _pid_alive(pid: int) -> bool:
         except PermissionError:
             return True
         return True
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+        return st.st_mtime_ns, st.st_size
+    except OSError:
+        return None
+
+
+def _names(path: Path) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(n for n in os.listdir(path) if not n.startswith(".")))
+    except OSError:
+        return ()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -284,6 +296,88 @@ class Store:
     def _event_files(self, run_id: str) -> list[Path]:
         return event_files(self.layout, run_id)
 
+    # ------------------------------------------------------------------ change stamps (for pollers)
+    # Everything above `revacnn.storage` polls the store through these, never with os.stat/listdir.
+    def stamp(self) -> tuple[Any, ...]:
+        """A cheap fingerprint of the whole store: run folders, committed epochs, status, events.
+
+        It changes when a run appears, an epoch commits, an event is written or a status changes.
+
+        Example:
+            >>> before = store.stamp()
+            >>> store.stamp() == before   # nothing happened in between
+            True
+        """
+        runs_dir = self.layout.runs_dir
+        out: list[Any] = []
+        try:
+            entries = sorted(os.scandir(runs_dir), key=lambda d: d.name)
+        except OSError:
+            return ("no-runs",)
+        for d in entries:
+            if not d.is_dir():
+                continue
+            row: list[Any] = [d.name]
+            for sub in ("tables/epochs", "tables/events", "status.json"):
+                p = os.path.join(d.path, sub)
+                try:
+                    st = os.stat(p)
+                    row.append((st.st_mtime_ns, st.st_size))
+                    if sub != "status.json":
+                        row.append(len(os.listdir(p)))
+                except OSError:
+                    row.append(None)
+            out.append(tuple(row))
+        try:
+            out.append(("sessions", os.stat(self.layout.sessions_dir).st_mtime_ns))
+        except OSError:
+            pass
+        return tuple(out)
+
+    def present(self) -> bool:
+        """Whether the store is still there (its marker file exists)."""
+        return self.layout.marker.exists()
+
+    def runs_stamp(self) -> tuple[Any, ...]:
+        """A fingerprint of the run list and every run's status file (cheaper than `stamp`)."""
+        names = _names(self.layout.runs_dir)
+        return names, tuple(_file_stamp(self.layout.status_json(n)) for n in names)
+
+    def run_stamp(self, run_id: str) -> dict[str, Any]:
+        """Fingerprints of one run's parts: ``status``, ``snapshot`` (live), ``events``, ``epochs``.
+
+        ``status`` and ``snapshot`` are ``(mtime_ns, size)`` or None; ``events`` and ``epochs`` the
+        sorted names of the committed event and epoch segments (the epochs' commit markers).
+
+        Example:
+            >>> store.run_stamp(run_id)["epochs"]
+            ('e00000.parquet', 'e00001.parquet')
+        """
+        lay = self.layout
+        return {
+            "status": _file_stamp(lay.status_json(run_id)),
+            "snapshot": _file_stamp(lay.live_dir(run_id) / "snapshot.npz"),
+            "events": tuple(n for n in _names(lay.events_dir(run_id)) if n.endswith(".parquet")),
+            "epochs": tuple(n for n in _names(lay.table_dir(run_id, "epochs")) if n.endswith(".parquet")),
+        }
+
+    def read_events(self, run_id: str, names: Any = None) -> pd.DataFrame:
+        """The run's own events (only the segment files ``names`` when given), unsorted.
+
+        Example:
+            >>> new = store.read_events(run_id, names=["0001-cmd-ab.parquet"])
+        """
+        if names is None:
+            files = event_files(self.layout, run_id)
+        else:  # vanished files are skipped by read_tables
+            files = [self.layout.events_dir(run_id) / n for n in sorted(names)]
+        return read_tables(files, EVENTS_SCHEMA).to_pandas()
+
+    def epoch_arrays(self, run_id: str, epoch: int) -> str | None:
+        """Where the Zarr group of one epoch record lives (for async readers), or None if missing."""
+        path = self.layout.epoch_arrays(run_id, epoch)
+        return str(path) if path.exists() else None
+
 
 class Run:
     """One training trajectory in a store: its metadata, status and epoch records."""
@@ -397,47 +491,7 @@ class Run:
         rec = self.epoch(epoch)
         return self.store.layout.checkpoint(rec.run_id, epoch)
 
-    def fork(self, epoch: int, *, changes: Any = (), epochs: int | None = None, lr: float | None = None,
-             name: str | None = None, progress: bool = False) -> Run:
-        """Branch a new run from ``epoch`` with steering ``changes`` applied there; see `revacnn.trainer.fork`.
-
-        Example:
-            >>> from revacnn.steering import parse
-            >>> child = run.fork(2, changes=[parse("freeze", ["conv1"])])
-        """
-        from ..trainer import fork
-
-        return fork(self.store, self.run_id, epoch, changes=changes, epochs=epochs, lr=lr, name=name,
-                    progress=progress)
-
-    def steer(self, op: str, *args: Any, wait: bool = True, timeout_s: float = 30.0,
-              init: str | None = None) -> dict[str, Any] | None:
-        """Send a steering command to this run's live trainer and (by default) wait for its event.
-
-        Example:
-            >>> run.steer("freeze", "conv1")["status"]
-            'applied'
-        """
-        from ..errors import SteeringError
-        from ..steering import parse, send, wait_for_event
-
-        cmd = parse(op, [str(a) for a in args], init=init)
-        if self.status != "running":
-            raise SteeringError(f"Run {self.run_id} is {self.status}, not running: nothing to steer")
-        send(self.store, self.run_id, cmd)
-        if not wait:
-            return {"event_id": cmd.command_id, "status": "sent"}
-        return wait_for_event(self.store, self.run_id, cmd.command_id, timeout_s=timeout_s)
-
-    def load_model(self, epoch: int | None = None) -> keras.Model:
-        """A `keras.Model` holding the weights of ``epoch`` (default: the last committed one)."""
-        from ..trainer.checkpoint import load_checkpoint, model_from_checkpoint
-
-        if epoch is None:
-            epoch = self.last_epoch()
-            if epoch is None:
-                raise EpochNotFoundError(f"Run {self.run_id} has no committed epoch yet")
-        return model_from_checkpoint(load_checkpoint(self.checkpoint_path(epoch)))
+    # fork / steer / load_model cross layers (trainer, steering): `revacnn._facade` installs them.
 
 
 def _array(key: str) -> cached_property:

@@ -64,6 +64,35 @@ def create_session(
     return sid
 
 
+#: Axis names of the arrays an epoch record holds, so ``xarray.open_zarr`` labels them.
+_DIMS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("conv", "kernel"): ("filter", "ky", "kx", "channel"),
+    ("conv", "depthwise_kernel"): ("channel", "ky", "kx", "multiplier"),
+    ("conv", "activations"): ("probe", "filter", "y", "x"),
+    ("conv", "embedding"): ("filter", "xy"),
+    ("conv", "layer_embedding"): ("filter", "xy"),
+    ("dense", "kernel"): ("unit", "input"),
+    ("extra", "predictions"): ("probe", "class"),
+}
+
+
+def dimension_names(key: str, ndim: int, kind: str) -> tuple[str, ...] | None:
+    """The axis names of array ``key`` of a layer of ``kind`` (``conv``, ``dense`` or ``extra``).
+
+    Per-filter vectors (bias, grad_l1, uids …) are ``("filter",)`` (``("unit",)`` for dense).
+
+    Example:
+        >>> dimension_names("activations", 4, "conv")
+        ('probe', 'filter', 'y', 'x')
+    """
+    names = _DIMS.get((kind, key))
+    if names is None and ndim == 1 and kind in ("conv", "dense"):
+        names = ("filter",) if kind == "conv" else ("unit",)
+    if names is None or len(names) != ndim:
+        return None
+    return names
+
+
 class RunWriter:
     """Writes one run: its metadata, status and heartbeat, epoch records, checkpoints and events.
 
@@ -145,16 +174,19 @@ class RunWriter:
         root = zarr.open_group(str(path), mode="w")
         for lname, arrays in layers.items():
             g = root.create_group(lname)
+            kind = dict(arrays.get("_attrs", {})).get("kind", "conv")
             for key, value in arrays.items():
                 if key == "_attrs":
                     continue
                 a = np.ascontiguousarray(value)
                 codec = _FLOAT_CODEC if a.dtype.kind == "f" else _INT_CODEC
-                g.create_array(key, data=a, chunks=a.shape or None, compressors=codec)
+                g.create_array(key, data=a, chunks=a.shape or None, compressors=codec,
+                               dimension_names=dimension_names(key, a.ndim, kind))
             g.attrs.update(dict(arrays.get("_attrs", {})))  # type: ignore[arg-type]
         for key, value in (extra or {}).items():
             a = np.ascontiguousarray(value)
-            root.create_array(key, data=a, chunks=a.shape or None, compressors=_FLOAT_CODEC)
+            root.create_array(key, data=a, chunks=a.shape or None, compressors=_FLOAT_CODEC,
+                              dimension_names=dimension_names(key, a.ndim, "extra"))
         root.attrs.update({"layers": list(layers), **dict(attrs)})
 
     def write_rows(self, table: str, epoch: int, rows: Any) -> None:

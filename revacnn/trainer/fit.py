@@ -151,6 +151,7 @@ def fit(
     progress: bool = True,
     embeddings: bool = True,
     deterministic: bool = True,
+    auto_freeze: bool = False,
 ) -> Run:
     """Train a Keras model as compiled and record every epoch (epoch 0 = initialisation) into a store.
 
@@ -176,6 +177,7 @@ def fit(
         progress: show a progress bar.
         embeddings: compute t-SNE embeddings of the filters.
         deterministic: enable TF op determinism (exact replays of forks and resumes).
+        auto_freeze: freeze converged conv layers bottom-up, as recorded events (docs/diagnoses.md).
 
     Returns:
         The recorded `Run`.
@@ -200,7 +202,7 @@ def fit(
         lr=float(np.asarray(optimizer.learning_rate)), optimizer=type(optimizer).__name__.lower(),
         train_size=n_train, val_size=n_val, probes=probes if isinstance(probes, int) else len(probes[1]),
         seed=seed, name=name, embeddings=embeddings, deterministic=deterministic,
-        runtime=runtime_settings(),
+        auto_freeze=bool(auto_freeze), runtime=runtime_settings(),
         extra={"data": tdata.train.kind, "validation_data": tdata.val.kind if tdata.val else None},
     )
     _setup_determinism(cfg)
@@ -333,8 +335,8 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     _skip_to(tdata, last)
     trainer = Trainer(
         model=model, optimizer=optimizer, data=tdata, probe_images=images, probe_labels=labels, writer=writer,
-        config=config, state=tstate, tracker_state=state.get("tracker"), progress=progress,
-        callbacks=callbacks,
+        config=config, state=tstate, tracker_state=state.get("tracker"), doctor_state=state.get("doctor"),
+        progress=progress, callbacks=callbacks,
     )
     trainer.recorder._prev = _prev_from_model(trainer)
     trainer.run(start_epoch=last, epochs=config.epochs, record_start=False)
@@ -368,6 +370,7 @@ def fork(
     on_start: Any = None,
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
     batch_size: int | None = None,
+    auto_freeze: bool | None = None,
 ) -> Run:
     """Branch a new run from ``run_id``'s recorded ``epoch`` with ``changes`` applied at that point.
 
@@ -383,6 +386,7 @@ def fork(
             ``(x, y)`` arrays, a tf.data.Dataset or a PyDataset.
         callbacks: Keras callbacks for the fork's training.
         batch_size: a new batch size for array data (default: the parent's).
+        auto_freeze: freeze converged layers bottom-up from the fork point on (default: as the parent).
 
     Returns:
         The new `Run`.
@@ -409,6 +413,8 @@ def fork(
             raise ConfigError(f"Received: batch_size={batch_size!r} (expected an integer >= 1)")
         config.batch_size = batch_size
     config.name = name
+    if auto_freeze is not None:
+        config.auto_freeze = bool(auto_freeze)
     config.extra = {**{k: v for k, v in config.extra.items() if k in ("data", "validation_data")},
                     "fork_changes": [c.to_json() for c in changes]}
     _setup_determinism(config)
@@ -430,10 +436,10 @@ def fork(
         trainer = Trainer(
             model=model, optimizer=optimizer, data=data_, probe_images=images, probe_labels=labels,
             writer=writer, config=config, state=tstate, tracker_state=state.get("tracker"),
-            progress=progress, callbacks=callbacks,
+            doctor_state=state.get("doctor"), progress=progress, callbacks=callbacks,
         )
         trainer.recorder._prev = _prev_from_model(trainer)
-        from ..steering.ops import apply, set_learning_rate
+        from .steer import apply, set_learning_rate
 
         if lr is not None:
             set_learning_rate(trainer.optimizer, float(lr))

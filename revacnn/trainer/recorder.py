@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -65,6 +66,7 @@ class Recorder:
         embedding_features: str = "weights",
         tracker_state: dict[str, Any] | None = None,
         prev_kernels: dict[str, dict[int, np.ndarray]] | None = None,
+        doctor_state: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         self.writer = writer
@@ -82,6 +84,16 @@ class Recorder:
                 log.exception("embeddings disabled")
                 self.tracker = None
         self._prev: dict[str, dict[int, np.ndarray]] = prev_kernels or {}
+        # The doctor's memory: each layer's largest per-epoch relative change so far, the initial
+        # kernel of every filter of a layer that sees RGB (by uid), the last epoch's activations.
+        # The first two travel with each checkpoint, so forks and resumes judge as the parent did.
+        doctor_state = doctor_state or {}
+        self._peak: dict[str, float] = dict(doctor_state.get("peak", {}))
+        self._init: dict[str, dict[int, np.ndarray]] = {
+            layer: {int(u): np.asarray(k, np.float32) for u, k in by_uid.items()}
+            for layer, by_uid in doctor_state.get("init", {}).items()
+        }
+        self._prev_acts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._queue: queue.Queue[Any] = queue.Queue()
         self.errors: list[str] = []
         self.committed: list[int] = []
@@ -102,6 +114,14 @@ class Recorder:
 
     def tracker_state(self) -> dict[str, Any] | None:
         return self.tracker.state_dict() if self.tracker is not None else None
+
+    def doctor_state(self) -> dict[str, Any]:
+        """What the doctor remembers across epochs (JSON-able), saved with each checkpoint."""
+        return {
+            "peak": dict(self._peak),
+            "init": {layer: {str(u): k.tolist() for u, k in by_uid.items()}
+                     for layer, by_uid in self._init.items()},
+        }
 
     def close(self, timeout: float | None = None) -> None:
         """Finish every queued write, then stop the worker."""
@@ -134,6 +154,9 @@ class Recorder:
         filter_rows: dict[str, list[Any]] = {k: [] for k in _FILTER_COLS}
         conv_sigs: list[tuple[str, np.ndarray, np.ndarray]] = []
         embeddings: dict[str, np.ndarray] = {}
+        diag_rows: list[dict[str, Any]] = []
+        lr = snap.metrics.get("lr")
+        trained = bool(snap.metrics.get("n_batches"))  # epoch 0 and a fork point train nothing
         for L in snap.layers:
             F = len(L.uids)
             if L.kind == "conv":
@@ -182,6 +205,7 @@ class Recorder:
             if L.kind == "conv":
                 entry["kernel"] = k.astype(np.float32)
                 acts = np.moveaxis(L.activations, -1, 1) if L.activations is not None else None  # (P,F,H,W)
+                diag_rows += self._diagnose(epoch, L, k, prev if trained else {}, acts, lr, trained)
                 act_mean = acts.mean(axis=(0, 2, 3)) if acts is not None else np.full(F, np.nan)
                 act_max = acts.max(axis=(0, 2, 3)) if acts is not None else np.full(F, np.nan)
                 if acts is not None:
@@ -276,14 +300,68 @@ class Recorder:
         w = self.writer
         if snap.checkpoint is not None:
             snap.checkpoint.state["tracker"] = self.tracker_state()
+            snap.checkpoint.state["doctor"] = self.doctor_state()
             w.write_checkpoint(epoch, to_arrays(snap.checkpoint))
         w.write_arrays(epoch, arrays, {"metrics": _jsonable(snap.metrics)}, extra={"predictions": probs})
         w.write_rows("layers", epoch, layer_rows)
         w.write_rows("filters", epoch, filter_rows)
         w.write_rows("predictions", epoch, pred_rows)
+        w.write_rows("diagnoses", epoch, diag_rows)
         w.commit(epoch, snap.metrics)
         self.committed.append(epoch)
         self.last_commit_at = time.time()
+
+
+    def _diagnose(self, epoch: int, L: LayerSnapshot, k: np.ndarray, prev: dict[int, np.ndarray],
+                  acts: np.ndarray | None, lr: Any, trained: bool) -> list[dict[str, Any]]:
+        """The doctor's findings for one conv layer, as ``diagnoses`` rows; never raises.
+
+        A record that trained nothing (epoch 0, a fork point) has no epoch-over-epoch change to
+        judge, so `converged` is not asked there; nor is the gradient part of `dead`.
+        """
+        from ..analysis.doctor import LayerArrays, diagnose_layer, relative_change
+
+        try:
+            uids = [int(u) for u in L.uids.tolist()]
+            sees_rgb = bool(L.rgb_input and k.shape[-1] == 3)
+            init_kernel = None
+            if sees_rgb:
+                init = self._init.setdefault(L.name, {})
+                for i, u in enumerate(uids):
+                    init.setdefault(u, k[i].astype(np.float32))
+                init_kernel = np.stack([init[u] for u in uids])
+            flat_prev = [prev.get(u) for u in uids]
+            prev_kernel = None
+            if flat_prev and all(p is not None and p.size == k[0].size + (L.bias is not None) for p in flat_prev):
+                prev_kernel = np.stack([p[: k[0].size] for p in flat_prev]).reshape(k.shape)
+            prev_acts = None
+            old = self._prev_acts.get(L.name)
+            if trained and old is not None and acts is not None and np.array_equal(old[0], L.uids):
+                prev_acts = old[1]
+            if acts is not None:
+                self._prev_acts[L.name] = (L.uids.copy(), acts.astype(np.float32))
+            arrays = LayerArrays(
+                name=L.name, kernel=k, bias=L.bias, activations=acts,
+                grad_l1=L.grad_l1 if trained and float(np.sum(L.grad_l1)) > 0 else None,
+                uids=uids, prev_kernel=prev_kernel, prev_activations=prev_acts,
+                init_kernel=init_kernel, frozen=bool(L.layer_frozen), sees_rgb=sees_rgb,
+                lr=float(lr) if isinstance(lr, (int, float)) else None,
+                peak_change=self._peak.get(L.name),
+            )
+            if prev_kernel is not None:
+                change = relative_change(k, prev_kernel)
+                if np.isfinite(change):
+                    self._peak[L.name] = max(self._peak.get(L.name, 0.0), change)
+            rows = []
+            for d in diagnose_layer(arrays):
+                row = d.to_row()
+                row["suggestion"] = None if d.suggestion is None else json.dumps(d.suggestion)
+                rows.append({"run_id": self.writer.run_id, "epoch": epoch, **row})
+            return rows
+        except Exception as exc:  # a failing diagnosis never stops the record
+            log.warning("diagnosis of %s epoch %d failed: %s", L.name, epoch, exc)
+            self.errors.append(f"diagnosis {L.name} epoch {epoch}: {exc}")
+            return []
 
 
 _FILTER_COLS = (

@@ -16,6 +16,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from ..models.graph import RecordedLayer, recorded_layers
 from ..storage import RunWriter, Store
+from .autofreeze import AutoFreezer
 from .checkpoint import capture
 from .recorder import EpochSnapshot, LayerSnapshot, Recorder
 from .sources import ArraySource, Source, as_source
@@ -85,6 +86,8 @@ class TrainerState:
         frozen_layers: layers left out of the gradient computation.
         frozen_filters: per layer, uids of single frozen filters.
         cumulative_time_s: training seconds of this run's full history up to ``epoch``.
+        convergence_peak: per conv layer, its largest relative weight change per epoch so far
+            (``--auto-freeze`` judges convergence against it).
     """
 
     epoch: int = 0
@@ -93,6 +96,7 @@ class TrainerState:
     frozen_layers: list[str] = field(default_factory=list)
     frozen_filters: dict[str, list[int]] = field(default_factory=dict)
     cumulative_time_s: float = 0.0
+    convergence_peak: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +106,7 @@ class TrainerState:
             "frozen_layers": list(self.frozen_layers),
             "frozen_filters": self.frozen_filters,
             "cumulative_time_s": self.cumulative_time_s,
+            "convergence_peak": dict(self.convergence_peak),
         }
 
     @classmethod
@@ -113,6 +118,7 @@ class TrainerState:
             frozen_layers=list(d.get("frozen_layers", [])),
             frozen_filters={k: [int(u) for u in v] for k, v in d.get("frozen_filters", {}).items()},
             cumulative_time_s=float(d.get("cumulative_time_s", 0.0)),
+            convergence_peak={k: float(v) for k, v in d.get("convergence_peak", {}).items()},
         )
 
 
@@ -137,6 +143,7 @@ class Trainer:
         loss_fn: Any = None,
         state: TrainerState | None = None,
         tracker_state: dict[str, Any] | None = None,
+        doctor_state: dict[str, Any] | None = None,
         progress: bool = True,
         callbacks: Sequence[keras.callbacks.Callback] | None = None,
     ) -> None:
@@ -174,6 +181,7 @@ class Trainer:
             embeddings=config.embeddings,
             embedding_features=config.embedding_features,
             tracker_state=tracker_state,
+            doctor_state=doctor_state,
             seed=config.seed,
         )
         self.paused = False
@@ -187,6 +195,7 @@ class Trainer:
         from ..steering.channel import CommandQueue
 
         self.commands = CommandQueue(self.store, self.run_id)
+        self.auto_freezer = AutoFreezer() if config.auto_freeze else None
         self.rebuild()
 
     # ------------------------------------------------------------------ structure
@@ -231,20 +240,27 @@ class Trainer:
             self.step_state.seen.assign(seen)
 
     def swap(self, result: Any) -> None:
-        """Adopt the model and optimizer of a `SurgeryResult`, remapping filter uids, then re-trace."""
-        name = result.layer
-        old_uids = self.state.uids[name]
-        new_uids = []
-        for k in np.asarray(result.kept).tolist():
-            if k >= 0:
-                new_uids.append(old_uids[k])
-            else:
-                new_uids.append(self.state.next_uid[name])
-                self.state.next_uid[name] += 1
-        self.state.uids[name] = new_uids
-        if name in self.state.frozen_filters:
-            live = set(new_uids)
-            self.state.frozen_filters[name] = [u for u in self.state.frozen_filters[name] if u in live]
+        """Adopt the model and optimizer of a surgery result, remapping filter uids, then re-trace.
+
+        A group change (`GraphSurgeryResult.changed`) remaps every layer whose filters changed:
+        kept filters keep their uids, new ones get the layer's next uids.
+        """
+        changed = getattr(result, "changed", None) or {result.layer: result.kept}
+        for name, kept in changed.items():
+            if name not in self.state.uids:
+                continue
+            old_uids = self.state.uids[name]
+            new_uids = []
+            for k in np.asarray(kept).tolist():
+                if k >= 0:
+                    new_uids.append(old_uids[k])
+                else:
+                    new_uids.append(self.state.next_uid[name])
+                    self.state.next_uid[name] += 1
+            self.state.uids[name] = new_uids
+            if name in self.state.frozen_filters:
+                live = set(new_uids)
+                self.state.frozen_filters[name] = [u for u in self.state.frozen_filters[name] if u in live]
         cc = self.model.get_compile_config()
         cfg = keras.saving.deserialize_keras_object({k: v for k, v in cc.items() if k != "optimizer"})
         self.model = result.model
@@ -341,6 +357,9 @@ class Trainer:
             "n_batches": n_batches,
             "step": int(np.asarray(self.optimizer.iterations)),
         }
+        if self.auto_freezer is not None and n_batches:
+            # before the snapshot: the epoch's record and checkpoint already hold the freeze
+            self.auto_freezer.check(self, epoch, n_batches)
         self.recorder.submit(self.snapshot(epoch, metrics))
         return metrics
 
@@ -370,6 +389,8 @@ class Trainer:
         self.callbacks.set_params({"epochs": epochs, "steps": self._n_batches(), "verbose": 0})
         try:
             self.callbacks.on_train_begin()
+            if self.auto_freezer is not None:
+                self.auto_freezer.prime(self)  # the model as it starts is "the previous epoch"
             if record_start:
                 loss0, acc0 = start_train_metrics
                 self.record(start_epoch, train_loss=loss0, train_acc=acc0, duration=0.0, n_batches=0)
@@ -483,7 +504,7 @@ class Trainer:
 
     def _between_batches(self, epoch: int, batch: int) -> None:
         """Apply pending steering commands; while paused, wait here (still answering commands)."""
-        from ..steering.ops import apply_pending
+        from .steer import apply_pending
 
         apply_pending(self, epoch, batch)
         while self.paused and not self.stop_requested:

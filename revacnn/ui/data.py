@@ -413,6 +413,7 @@ class StoreWatcher:
         self.interval_s = interval_s
         self.version = 0
         self._stamp: Any = None
+        self._store: Store | None = None
         self._stop = threading.Event()
         self._stamp = self.scan()
         self._thread = threading.Thread(target=self._loop, name="revacnn-store-watcher", daemon=True)
@@ -430,33 +431,13 @@ class StoreWatcher:
             return w
 
     def scan(self) -> tuple[Any, ...]:
-        """A cheap fingerprint of the store: run folders, committed epochs, status and events."""
-        runs_dir = self.root / "runs"
-        out: list[Any] = []
-        try:
-            entries = sorted(os.scandir(runs_dir), key=lambda d: d.name)
-        except OSError:
-            return ("no-runs",)
-        for d in entries:
-            if not d.is_dir():
-                continue
-            row: list[Any] = [d.name]
-            for sub in ("tables/epochs", "tables/events", "status.json"):
-                p = os.path.join(d.path, sub)
-                try:
-                    st = os.stat(p)
-                    row.append((st.st_mtime_ns, st.st_size))
-                    if sub != "status.json":
-                        row.append(len(os.listdir(p)))
-                except OSError:
-                    row.append(None)
-            out.append(tuple(row))
-        sessions = self.root / "sessions"
-        try:
-            out.append(("sessions", os.stat(sessions).st_mtime_ns))
-        except OSError:
-            pass
-        return tuple(out)
+        """A cheap fingerprint of the store (`Store.stamp`); ``("no-store",)`` while there is none."""
+        if self._store is None:
+            try:
+                self._store = open_store(self.root, mode="r")
+            except RevacnnError:
+                return ("no-store",)
+        return self._store.stamp()
 
     def check(self) -> int:
         """Scan now; bump and return `version` when something changed."""
@@ -468,7 +449,7 @@ class StoreWatcher:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            if not self.root.exists():  # the store went away (a test's temporary folder): stop
+            if not self._present():  # the store went away (a test's temporary folder): stop
                 with self._lock:
                     if self._instances.get(str(self.root)) is self:
                         del self._instances[str(self.root)]
@@ -477,6 +458,11 @@ class StoreWatcher:
                 self.check()
             except Exception:  # noqa: BLE001 - keep polling whatever a scan meets
                 log.debug("store scan failed", exc_info=True)
+
+    def _present(self) -> bool:
+        if self._store is None:
+            self.scan()
+        return self._store is not None and self._store.present()
 
     def stop(self) -> None:
         """Stop the thread."""
@@ -525,12 +511,12 @@ def _run_async(coro: Any) -> Any:
     return sync(coro)
 
 
-async def _read_many(base: Path, paths: Sequence[str]) -> dict[str, Any]:
+async def _read_many(base: str, paths: Sequence[str]) -> dict[str, Any]:
     """Read whole arrays ``base/path`` concurrently; failures come back as exceptions."""
     from zarr.api import asynchronous as za
 
     async def one(p: str) -> Any:
-        arr = await za.open_array(store=str(base / p), mode="r")
+        arr = await za.open_array(store=f"{base}/{p}", mode="r")
         return np.asarray(await arr.getitem(slice(None)))
 
     res = await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
@@ -694,9 +680,9 @@ class ReplayData:
         sources: dict[str, list[int]] = {}
         for e, s in timeline:
             sources.setdefault(s, []).append(e)
-        n_events = {s: len(list(store.layout.events_dir(s).glob("*.parquet"))) for s in sources}
+        n_events = {s: len(store.run_stamp(s)["events"]) for s in sources}
         if run_id not in n_events:
-            n_events[run_id] = len(list(store.layout.events_dir(run_id).glob("*.parquet")))
+            n_events[run_id] = len(store.run_stamp(run_id)["events"])
         stamp = (tuple(timeline), status, tuple(sorted(n_events.items())), version)
         if hit is not None and hit.stamp[:3] == stamp[:3]:
             hit.stamp = stamp
@@ -819,12 +805,13 @@ class ReplayData:
         """Read (or take from the cache) the arrays of one epoch record."""
         key = (source, int(epoch))
         cached = self._arrays.get(key)
-        base = self.store.layout.epoch_arrays(source, epoch)
+        base = self.store.epoch_arrays(source, epoch)
         if cached is None:
             cached = {}
-            if not base.exists():
+            if base is None:
                 cached["__error__"] = (
-                    f"The arrays of run {source} epoch {epoch} are missing ({base} does not exist)"
+                    f"The arrays of run {source} epoch {epoch} are missing "
+                    f"({self.store.layout.epoch_arrays(source, epoch)} does not exist)"
                 )
                 self._arrays.put(key, cached)
                 return cached

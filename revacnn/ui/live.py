@@ -36,9 +36,7 @@ from bokeh.models import (
 )
 from bokeh.plotting import figure
 
-from ..storage import Store, open_store
-from ..storage._schema import EVENTS_SCHEMA
-from ..storage._tables import event_files, read_tables
+from ..storage import EVENTS_SCHEMA, Store, open_store
 from ..storage.live import read_live_snapshot
 from .data import MEASURES, LayerFrame, NetworkFrame
 from .launcher import ForkForm, StartRunForm
@@ -275,21 +273,6 @@ class FeedState:
         return a
 
 
-def _stat(path: os.PathLike[str] | str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-        return st.st_mtime_ns, st.st_size
-    except OSError:
-        return None
-
-
-def _listdir(path: os.PathLike[str] | str) -> tuple[str, ...]:
-    try:
-        return tuple(sorted(n for n in os.listdir(path) if not n.startswith(".")))
-    except OSError:
-        return ()
-
-
 class RunFeed:
     """What the hub knows about one followed run; `state` is swapped atomically by the hub thread.
 
@@ -321,7 +304,6 @@ class RunFeed:
 
     def poll(self) -> bool:
         """Check the run's files once and load what changed; True when the state changed."""
-        lay = self.store.layout
         rid = self.run_id
         st = self.state
         changed = False
@@ -340,8 +322,9 @@ class RunFeed:
                                 probes=probes, class_names=names, status_v=True)
                 self._stamps["meta"] = True
                 changed = True
+            stamps = self.store.run_stamp(rid)
             # status: its file changes with every heartbeat; re-read at most every second
-            stamp = _stat(lay.status_json(rid))
+            stamp = stamps["status"]
             now = time.monotonic()
             if stamp != self._stamps.get("status") or now - self._status_checked > 2.0:
                 self._stamps["status"] = stamp
@@ -352,7 +335,7 @@ class RunFeed:
                     st = self._bump(st, status=status, status_message=info.get("message"), status_v=True)
                     changed = True
             # the live snapshot
-            stamp = _stat(lay.live_dir(rid) / "snapshot.npz")
+            stamp = stamps["snapshot"]
             if stamp is not None and stamp != self._stamps.get("snap"):
                 snap = read_live_snapshot(self.store, rid)
                 if snap is not None:
@@ -361,11 +344,10 @@ class RunFeed:
                                     live=record_from_snapshot(snap), snap_v=True)
                     changed = True
             # events: one small Parquet file each; read only the new ones
-            names = _listdir(lay.events_dir(rid))
+            names = stamps["events"]
             if names != self._event_names:
-                new = [n for n in names if n not in set(self._event_names) and n.endswith(".parquet")]
-                files = [p for p in event_files(lay, rid) if p.name in set(new)]
-                ev = read_tables(files, EVENTS_SCHEMA).to_pandas()
+                known = set(self._event_names)
+                ev = self.store.read_events(rid, [n for n in names if n not in known])
                 self._event_names = names
                 if len(ev):
                     events = pd.concat([st.events, ev], ignore_index=True) if len(st.events) else ev
@@ -373,7 +355,7 @@ class RunFeed:
                     st = self._bump(st, events=events, events_v=True)
                     changed = True
             # committed epochs: the epochs table's segment names are the commit markers
-            names = _listdir(lay.table_dir(rid, "epochs"))
+            names = stamps["epochs"]
             if names != self._stamps.get("epochs"):
                 metrics = run_metrics(self.store, rid)
                 epochs = [int(e) for e in metrics["epoch"]] if len(metrics) else []
@@ -472,9 +454,7 @@ class LiveHub:
     # ------------------------------------------------------------------ polling
     def poll_runs(self, *, force: bool = False) -> bool:
         """Re-read the run list when a run appeared or a status file changed."""
-        d = self.store.layout.runs_dir
-        names = _listdir(d)
-        stamp = (names, tuple(_stat(d / n / "status.json") for n in names))
+        stamp = self.store.runs_stamp()
         now = time.monotonic()
         if not force and stamp == self._runs_stamp and now - self._runs_checked < 5.0:
             return False

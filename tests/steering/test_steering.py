@@ -157,40 +157,55 @@ SENDER = textwrap.dedent(
     """
     import sys, time, json
     import revacnn
-    from revacnn.steering import parse, send
+    from revacnn.steering import parse, send, wait_for_event
     store = revacnn.open_store(sys.argv[1], mode="r")
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline:
         runs = store.runs()
         live = runs[runs.status == "running"]
         rid = live.run_id.iloc[0] if len(live) else None
-        # send once epoch 1 is committed: the step is traced and epoch 2 has just begun
+        # send once epoch 1 is committed: the step is traced and epoch 2 has begun
         if rid and 1 in store.run(rid).epochs():
             cmd = send(store, rid, parse("freeze", ["conv2"]))
-            print(json.dumps({"run_id": rid, "command_id": cmd.command_id}))
+            ev = wait_for_event(store, rid, cmd.command_id, timeout_s=240)
+            # one more epoch recorded after the freeze, then stop
+            while int(ev["epoch"]) + 1 not in store.run(rid).epochs() and time.time() < deadline:
+                time.sleep(0.05)
+            stop = send(store, rid, parse("stop", []))
+            print(json.dumps({"run_id": rid, "command_id": cmd.command_id, "stop_id": stop.command_id}))
             sys.exit(0)
-        time.sleep(0.01)
+        time.sleep(0.05)
     sys.exit(3)
     """
 )
 
 
-def test_command_from_another_process_applies_within_three_batches(tmp_path, keras_mod, tiny_data):
+def test_command_from_another_process_is_applied_at_a_batch_boundary(tmp_path, keras_mod, tiny_data):
+    # The run would train far longer than the test needs: it ends with the sender's `stop`, so
+    # nothing here depends on how fast the sender starts. (Latency is measured by bench_freeze.py.)
     store_path = tmp_path / "store"
     revacnn.open_store(store_path)
     sender = subprocess.Popen([sys.executable, "-c", SENDER, str(store_path)], stdout=subprocess.PIPE, text=True)
     keras_mod.utils.set_random_seed(0)
     (x, y), (xv, yv) = tiny_data
-    run = revacnn.fit(tiny_cnn(keras_mod), (np.tile(x, (4, 1, 1, 1)), np.tile(y, 4)), validation_data=(xv, yv),
-                      epochs=3, batch_size=8, store=store_path, probes=4, progress=False, embeddings=False)
-    out, _ = sender.communicate(timeout=60)
+    run = revacnn.fit(tiny_cnn(keras_mod), (x, y), validation_data=(xv, yv),
+                      epochs=10_000, batch_size=8, store=store_path, probes=4, progress=False,
+                      embeddings=False)
+    out, _ = sender.communicate(timeout=300)
     assert sender.returncode == 0, out
     sent = json.loads(out)
-    ev = run.events()
-    assert len(ev) == 1 and ev.event_id[0] == sent["command_id"] and ev.status[0] == "applied"
-    m = run.metrics().set_index("epoch")
-    batch_s = m.duration_s[1] / m.n_batches[1]
-    assert ev.latency_ms[0] / 1000.0 <= 3 * batch_s + 0.1, (ev.latency_ms[0], batch_s)
+    assert run.status == "stopped"
+    ev = run.events().set_index("event_id")
+    assert ev.loc[sent["command_id"], "status"] == "applied"
+    assert ev.loc[sent["stop_id"], "status"] == "applied"
+    e = int(ev.loc[sent["command_id"], "epoch"])
+    assert e >= 2 and 0 <= int(ev.loc[sent["command_id"], "batch"]) <= 256 // 8
+    # applied during epoch e: from the end of that epoch on, conv2 trains no more
+    k = run.epoch(e).layer("conv2").kernel
+    later = [k2 for k2 in run.epochs() if k2 > e]
+    assert later
+    for k2 in later:
+        np.testing.assert_array_equal(run.epoch(k2).layer("conv2").kernel, k)
 
 
 def test_add_and_delete_filters_while_training(tmp_path, keras_mod, tiny_data):

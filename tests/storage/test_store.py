@@ -127,9 +127,32 @@ def test_tables_and_columns_of_the_contract(store):
         "predictions": ["run_id", "epoch", "probe", "predicted", "confidence"],
         "timeline": ["run_id", "epoch", "source_run_id"],
     }
+    types = store.sql("SELECT table_name, column_name, data_type FROM information_schema.columns")
+    types = {(t, c): d for t, c, d in types.itertuples(index=False)}
+    ints = {"epoch", "batch", "filter", "filter_uid", "probe", "label", "predicted", "n_filters",
+            "n_frozen_filters", "fork_epoch", "n_probes", "dominant_channel"}
+    texts = {"session_id", "run_id", "parent_run_id", "source_run_id", "event_id", "name", "status", "layer",
+             "kind", "dataset", "model", "message", "config", "args"}
     for table, want in cols.items():
         got = list(store.sql(f"SELECT * FROM {table} LIMIT 0").columns)
-        assert got[: len(want)] == want or set(want) <= set(got), (table, got)
+        assert got[: len(want)] == want, (table, got)  # the contract's columns first, in its order
+        for col in want:
+            kind = types[(table, col)]
+            if col in ints:
+                assert kind in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT"), (table, col, kind)
+            elif col in texts:
+                assert kind == "VARCHAR", (table, col, kind)
+            elif col == "frozen":
+                assert kind == "BOOLEAN", (table, col, kind)
+            elif col == "at" or col.endswith("_at"):
+                assert kind == "TIMESTAMP WITH TIME ZONE", (table, col, kind)
+            else:
+                assert kind == "DOUBLE", (table, col, kind)
+    import json
+
+    for table in ("sessions", "runs"):
+        for text in store.sql(f"SELECT config FROM {table}").config:
+            assert isinstance(json.loads(text), dict)  # JSON a query can use with ->>
     assert store.sql("SELECT probe, label, val_index FROM probes ORDER BY probe").to_dict("list") == {
         "probe": [0, 1], "label": [0, 1], "val_index": [5, 9]}
 
@@ -173,8 +196,33 @@ def test_interrupted_status_when_the_trainer_is_gone(store):
     assert store.runs().set_index("run_id").status[root] == "interrupted"
 
 
-def test_every_example_query_runs(store):
+def test_every_example_query_answers(store):
+    """Each example query of the app's SQL console gives the rows it promises on a known store."""
     from revacnn.storage import EXAMPLE_QUERIES
 
+    _, root, fork = store.ids
+    RunWriter(store, root).write_event(event_id="cmd-1", epoch=2, batch=3, kind="freeze", args={"layer": "conv1"},
+                                       status="applied", message="conv1 frozen")
+    import json
+
+    expected = {
+        "Runs and their best validation accuracy": lambda df: (
+            df[["run_id", "epochs", "best_val_acc"]].values.tolist() == [[root, 3, 0.5], [fork, 4, 0.9]]
+            and df.parent_run_id.iloc[1] == root and df.fork_epoch.iloc[1] == 2),
+        "Dead filters (no gradient in the last epoch)": lambda df: (
+            sorted(df[["run_id", "filter_uid"]].values.tolist()) == [[r, u] for r in (root, fork) for u in range(3)]),
+        "Cluster and RGB patterns per layer over time": lambda df: (
+            df[["run_id", "epoch"]].values.tolist() == [[root, e] for e in range(4)] + [[fork, e] for e in (2, 3, 4)]),
+        "Steering events": lambda df: (
+            df[["run_id", "epoch", "batch", "kind", "status"]].values.tolist() == [[root, 2, 3, "freeze", "applied"]]
+            and json.loads(df.args.iloc[0]) == {"layer": "conv1"}),
+        "Full history of every run (forks include their ancestors)": lambda df: (
+            df[["run_id", "epoch", "source_run_id"]].values.tolist() == [[root, e, root] for e in range(4)]
+            + [[fork, 0, root], [fork, 1, root], [fork, 2, fork], [fork, 3, fork], [fork, 4, fork]]
+            and df.val_accuracy.tolist() == [0.5] * 6 + [0.9] * 3),
+    }
     for title, query in EXAMPLE_QUERIES.items():
-        assert store.sql(query) is not None, title
+        df = store.sql(query)
+        assert len(df) > 0, title
+        if title in expected:
+            assert expected[title](df), (title, df.to_string())

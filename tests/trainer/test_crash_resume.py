@@ -32,7 +32,10 @@ def check_consistent(store, run_id):
         f"(SELECT count(*) FROM predictions p WHERE p.run_id=e.run_id AND p.epoch=e.epoch) AS np "
         f"FROM epochs e WHERE e.run_id='{run_id}' ORDER BY e.epoch"
     )
-    assert by_epoch.epoch.tolist() == epochs[: len(by_epoch)] or set(by_epoch.epoch) <= set(run.epochs())
+    # SQL gathers its files after `epochs` was read and before `after` is: it shows every epoch
+    # committed before it, no uncommitted one, and no gap.
+    got, after = by_epoch.epoch.tolist(), run.epochs()
+    assert got[: len(epochs)] == epochs and after[: len(got)] == got == list(range(len(got))), (epochs, got, after)
     assert (by_epoch.nl == 4).all() and (by_epoch.nf == N_FILTERS).all() and (by_epoch.np == 6).all(), by_epoch
     rec = run.epoch(epochs[-1])
     for name in CONV:

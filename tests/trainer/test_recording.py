@@ -80,36 +80,81 @@ def test_activations_are_post_activation_outputs(recorded, keras_mod):
     assert got.min() >= 0  # relu
 
 
-def test_grad_l1_equals_separate_gradient_tape(tmp_path, keras_mod, tiny_data):
+def test_grad_l1_is_the_sum_over_the_epochs_batches(tmp_path, keras_mod, tiny_data):
+    """grad_l1 of epoch e = sum over e's batches of |dL/dW| (+ |dL/db|), against a separate GradientTape.
+
+    Several batches per epoch with a partial last one (100 = 3 x 32 + 4), BatchNorm and Dropout in the
+    model, two epochs, and SGD moving the weights between batches: a mean, the last batch alone, a
+    full-batch gradient or a sum not reset between epochs all give other numbers (checked below).
+    The reference replays the trainer's data order, np.random.default_rng([seed, epoch]).permutation(N),
+    and starts from the same weights and the same Dropout seed state, so its masks are the trainer's.
+    """
     import tensorflow as tf
 
     keras_mod.utils.set_random_seed(5)
-    model = tiny_cnn(keras_mod)
-    (x, y), (xv, yv) = tiny_data
+    model = tiny_cnn(keras_mod, bn=True, dropout=True)
+    lr, seed, bs, epochs = 0.05, 9, 32, 2
+    model.compile(optimizer=keras_mod.optimizers.SGD(learning_rate=lr), loss="sparse_categorical_crossentropy")
+    (x8, y), (xv8, yv) = tiny_data
+    x8, y = x8[:100], y[:100]
+    # images as float32 in 0..1, built as the trainer scales uint8, so both paths see the same numbers
+    x = (tf.cast(x8, tf.float32) * (1.0 / 255.0)).numpy()
+    xv = (tf.cast(xv8, tf.float32) * (1.0 / 255.0)).numpy()
+
     reference = keras_mod.models.clone_model(model)
     reference.set_weights(model.get_weights())
-    store = revacnn.open_store(tmp_path / "s")
-    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=1, batch_size=len(x), store=store,
-                      probes=4, progress=False, embeddings=False)
+    drop, ref_drop = model.get_layer("drop"), reference.get_layer("drop")
+    ref_drop.seed_generator.state.assign(drop.seed_generator.state.value)  # the same masks, batch by batch
+
+    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=epochs, batch_size=bs, store=tmp_path / "s",
+                      probes=4, seed=seed, progress=False, embeddings=False)
+
     loss_fn = keras_mod.losses.SparseCategoricalCrossentropy()
-    xb = tf.constant(x.astype(np.float32))  # fed as given
-    with tf.GradientTape() as tape:
-        loss = loss_fn(y, reference(xb, training=True))
-    for name in ("conv1", "conv2", "dense1"):
-        layer = reference.get_layer(name)
-        gk, gb = tape.gradient(loss, [layer.kernel, layer.bias]) if name == "conv1" else (None, None)
-        break
-    grads = tf.GradientTape  # noqa: F841 - keep the name free
-    with tf.GradientTape() as tape:
-        loss = loss_fn(y, reference(xb, training=True))
-    variables = [v for n in ("conv1", "conv2", "dense1") for v in (reference.get_layer(n).kernel, reference.get_layer(n).bias)]
-    g = tape.gradient(loss, variables)
-    for i, name in enumerate(("conv1", "conv2", "dense1")):
-        gk, gb = g[2 * i].numpy(), g[2 * i + 1].numpy()
-        want = np.abs(gk).reshape(-1, gk.shape[-1]).sum(axis=0) + np.abs(gb)
-        np.testing.assert_allclose(run.epoch(1).layer(name).grad_l1, want, rtol=1e-4, atol=1e-7)
-        row = store.sql(f"SELECT grad_l1 FROM layers WHERE run_id='{run.run_id}' AND epoch=1 AND layer='{name}'")
-        assert row.grad_l1[0] == pytest.approx(want.sum(), rel=1e-4)
+    names = ("conv1", "conv2", "dense1")
+    per_batch: dict[int, list[dict[str, np.ndarray]]] = {}
+    for epoch in range(1, epochs + 1):
+        order = np.random.default_rng([seed, epoch]).permutation(len(y))
+        per_batch[epoch] = []
+        for start in range(0, len(y), bs):
+            idx = order[start:start + bs]
+            with tf.GradientTape() as tape:
+                loss = loss_fn(tf.constant(y[idx]), reference(tf.constant(x[idx]), training=True))
+            variables = reference.trainable_variables
+            grads = tape.gradient(loss, variables)
+            by_var = {id(v): g for v, g in zip(variables, grads, strict=True)}
+            row = {}
+            for name in names:
+                layer = reference.get_layer(name)
+                gk, gb = by_var[id(layer.kernel)].numpy(), by_var[id(layer.bias)].numpy()
+                row[name] = np.abs(gk).reshape(-1, gk.shape[-1]).sum(axis=0) + np.abs(gb)
+            per_batch[epoch].append(row)
+            for v, g in zip(variables, grads, strict=True):  # plain SGD, as the compiled optimizer
+                v.assign_sub(lr * g)
+    assert [len(per_batch[e]) for e in per_batch] == [4, 4]
+
+    for epoch in range(1, epochs + 1):
+        rec = run.epoch(epoch)
+        rows = revacnn.open_store(tmp_path / "s", mode="r").sql(
+            f"SELECT layer, grad_l1 FROM layers WHERE run_id='{run.run_id}' AND epoch={epoch}")
+        store_rows = dict(zip(rows.layer, rows.grad_l1, strict=True))
+        for name in names:
+            want = sum(row[name] for row in per_batch[epoch])
+            got = rec.layer(name).grad_l1
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7, err_msg=f"epoch {epoch} {name}")
+            assert store_rows[name] == pytest.approx(want.sum(), rel=1e-4)
+            # the answers a wrong accumulation would give are far from it
+            for wrong, label in (
+                (want / len(per_batch[epoch]), "the mean over batches"),
+                (per_batch[epoch][-1][name], "the last batch alone"),
+                (want + sum(row[name] for e in range(1, epoch) for row in per_batch[e]), "a sum not reset"),
+            ):
+                if label == "a sum not reset" and epoch == 1:
+                    continue
+                assert not np.allclose(got, wrong, rtol=1e-2), (epoch, name, label)
+    # the reference stayed in step with the trainer: the same final weights
+    for name in names:
+        np.testing.assert_allclose(model.get_layer(name).kernel.numpy(), reference.get_layer(name).kernel.numpy(),
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_subclassed_model_gets_one_clear_error(keras_mod, tmp_path, tiny_data):

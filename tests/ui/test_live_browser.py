@@ -178,7 +178,7 @@ def test_page_shows_batch_progress_advancing(pages: list[Any]) -> None:
     first = progress(page)
     second = wait_progress_after(page, first)
     assert second > first
-    assert page.locator(".rv-run-status[data-status=running]").count() == 1
+    expect(page.locator(".rv-run-status[data-status=running]")).to_have_count(1)
 
 
 def test_click_freezes_conv1_and_both_pages_see_it(pages: list[Any], store: Any, run_id: str) -> None:

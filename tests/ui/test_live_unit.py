@@ -262,7 +262,11 @@ def test_controls_send_resolve_and_explain():
     assert c.selected == []  # indices shifted after a deletion
     assert c.btn_freeze.disabled and not c.btn_unfreeze.disabled
     c.layer = "dense1"
-    assert c.btn_add.disabled and "dense" in c.filter_hint.object or c.filter_hint.object == ""
+    # a dense layer: no filter controls, and the hint says why; the layer itself can still be frozen
+    assert c.btn_add.disabled and c.add_n.disabled
+    assert all(b.disabled for b in (c.btn_ffreeze, c.btn_funfreeze, c.btn_delete, c.btn_reinit))
+    assert "dense1 is a dense layer" in c.filter_hint.object
+    assert not c.btn_freeze.disabled and c.btn_unfreeze.disabled
     c.update_state(run_id="run-1", status="finished", layers={"conv1": 3}, conv_layers=["conv1"],
                    frozen_layers=[], frozen_filters={})
     assert c.btn_freeze.disabled and c.btn_stop.disabled and c.notice.visible and "finished" in c.notice.object

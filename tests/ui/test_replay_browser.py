@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+expect = pytest.importorskip("playwright.sync_api").expect
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("REVACNN_CHROMIUM", "/usr/bin/chromium")
@@ -188,7 +190,7 @@ def test_player_changes_epoch_and_tiles(page: Any, server: str, recorded: dict[s
     after = _sigs(page)
     assert after[0] != before[0] and after[1] != before[1]
     assert "epoch 1" in _text(page.locator(".rv-epoch-value"))
-    assert page.locator(".rv-run-header .rv-title-bar[data-epoch='1']").count() == 1
+    expect(page.locator(".rv-run-header .rv-title-bar[data-epoch='1']")).to_have_count(1)
     # the keyboard moves the slider too
     page.locator(".rv-epoch-player .rv-range").focus()
     page.keyboard.press("ArrowRight")
@@ -206,12 +208,12 @@ def test_probe_choice_changes_the_network_view(page: Any, server: str, recorded:
     page.wait_for_selector(".rv-tab-network .rv-net[data-probe='3']")
     assert img.get_attribute("src") != src0
     assert page.locator(".rv-tab-network .rv-net").first.get_attribute("data-key") != key0
-    assert page.locator(".rv-probe-chooser .rv-thumb.rv-active[data-probe='3']").count() == 1
+    expect(page.locator(".rv-probe-chooser .rv-thumb.rv-active[data-probe='3']")).to_have_count(1)
     _shot(page.locator(".rv-probe-chooser"), "probes")
     # a click on a tile opens the filter detail
     page.locator(".rv-tab-network .rv-layer[data-layer='conv2'] .rv-grid-acts .rv-tile").nth(1).click()
     page.wait_for_selector(".rv-filter-detail .rv-fd[data-filter]")
-    assert page.locator(".rv-filter-detail .rv-fd-acts .rv-fd-cell").count() == 10
+    expect(page.locator(".rv-filter-detail .rv-fd-acts .rv-fd-cell")).to_have_count(10)
     page.wait_for_timeout(300)
     _shot(page.locator(".rv-filter-detail-view"), "filter_detail")
 
@@ -225,8 +227,8 @@ def test_compare_shows_two_runs(page: Any, server: str, recorded: dict[str, Any]
     text = _text(page.locator(".rv-compare"))
     assert "root" in text and "conv1-frozen" in text and "B − A" in text
     # the fork added two conv2 filters: 12 tiles against 10
-    assert page.locator(".rv-compare-side-a .rv-layer[data-layer='conv2'] .rv-tile").count() == 10
-    assert page.locator(".rv-compare-side-b .rv-layer[data-layer='conv2'] .rv-tile").count() == 12
+    expect(page.locator(".rv-compare-side-a .rv-layer[data-layer='conv2'] .rv-tile")).to_have_count(10)
+    expect(page.locator(".rv-compare-side-b .rv-layer[data-layer='conv2'] .rv-tile")).to_have_count(12)
     page.wait_for_timeout(400)
     _shot(page.locator(".rv-compare"), "compare")
 
@@ -261,7 +263,7 @@ def test_sql_console(page: Any, server: str) -> None:
     box.fill("SELECT run_id, epoch, val_accuracy FROM epochs ORDER BY run_id, epoch")
     page.locator(".rv-sql-run button").click()
     page.get_by_text("7 rows").first.wait_for()
-    assert page.locator(".rv-sql-results .tabulator-row").count() == 7
+    expect(page.locator(".rv-sql-results .tabulator-row")).to_have_count(7)
     page.wait_for_timeout(400)
     _shot(page.locator(".rv-sql-console"), "sql")
     box.fill("SELECT * FROM read_csv('/etc/passwd')")
@@ -270,7 +272,7 @@ def test_sql_console(page: Any, server: str) -> None:
     assert "cannot read or write files" in _text(page.locator(".rv-sql-error"))
     assert "root:x:0:0" not in page.content()
     assert "root:x:0:0" not in _text(page.locator("body"))
-    assert page.locator(".rv-sql-results .tabulator-row").count() == 0
+    expect(page.locator(".rv-sql-results .tabulator-row")).to_have_count(0)
 
 
 @pytest.mark.parametrize("route, css, text", [
@@ -299,10 +301,10 @@ def test_corrupt_epoch_shows_a_message(page: Any, server: str, recorded: dict[st
     _open(page, f"{server}/corrupt?run={recorded['root']}&epoch=2")
     err = page.locator(".rv-tab-network .rv-layer[data-layer='conv2'] .rv-layer-error")
     assert "corrupt" in _text(err)
-    assert page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts .rv-tile").count() == 8
+    expect(page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts .rv-tile")).to_have_count(8)
     page.locator(".rv-epoch-player .rv-next").click()  # the next epoch is fine
     page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='3']")
-    assert page.locator(".rv-tab-network .rv-layer-error").count() == 0
+    expect(page.locator(".rv-tab-network .rv-layer-error")).to_have_count(0)
 
 
 def test_tile_images_are_real_pictures(page: Any, server: str, recorded: dict[str, Any]) -> None:

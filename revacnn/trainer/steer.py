@@ -1,80 +1,19 @@
-"""Steering operations: parse them, check them against the run, and apply them to a live trainer."""
+"""Applying steering commands to a live trainer: checks against the run, surgery, and the events."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import RevacnnError, SteeringError
-from .channel import Command
+from ..steering.commands import OPS, Command
 
 if TYPE_CHECKING:
-    from ..trainer.trainer import Trainer
+    from .trainer import Trainer
 
 log = logging.getLogger("revacnn.steering")
-
-#: op -> argument names (``indices`` takes the rest of the words)
-OPS: dict[str, tuple[str, ...]] = {
-    "freeze": ("layer",),
-    "unfreeze": ("layer",),
-    "freeze-filters": ("layer", "indices"),
-    "unfreeze-filters": ("layer", "indices"),
-    "add-filters": ("layer", "n"),
-    "delete-filters": ("layer", "indices"),
-    "reinit-filters": ("layer", "indices"),
-    "set-lr": ("lr",),
-    "pause": (),
-    "resume": (),
-    "stop": (),
-}
-
-
-def parse(op: str, words: Sequence[str], *, init: str | None = None) -> Command:
-    """Build a `Command` from CLI words, e.g. ``parse("delete-filters", ["conv2", "3", "5"])``.
-
-    Raises:
-        SteeringError: unknown op or malformed arguments.
-    """
-    if op not in OPS:
-        raise SteeringError(f"Unknown steering op. Received: op={op!r} (expected one of {', '.join(OPS)})")
-    names = OPS[op]
-    args: dict[str, Any] = {}
-    words = list(words)
-    for i, name in enumerate(names):
-        if name == "indices":
-            rest = [w for part in words[i:] for w in str(part).replace(",", " ").split()]
-            if not rest:
-                raise SteeringError(f"{op} needs filter indices. Received: {' '.join(words) or 'nothing'}")
-            try:
-                args["indices"] = [int(w) for w in rest]
-            except ValueError:
-                raise SteeringError(f"{op}: indices must be integers. Received: {' '.join(rest)}") from None
-            break
-        if i >= len(words):
-            raise SteeringError(f"{op} needs {' '.join(n.upper() for n in names)}. Received: {' '.join(words) or 'nothing'}")
-        w = words[i]
-        if name == "n":
-            try:
-                args["n"] = int(w)
-            except ValueError:
-                raise SteeringError(f"{op}: N must be an integer. Received: {w!r}") from None
-        elif name == "lr":
-            try:
-                args["lr"] = float(w)
-            except ValueError:
-                raise SteeringError(f"set-lr: X must be a number. Received: {w!r}") from None
-        else:
-            args[name] = w
-    if "indices" not in names and len(words) > len(names):
-        raise SteeringError(f"{op} takes {len(names)} argument(s). Received: {' '.join(words)}")
-    if init is not None:
-        if op not in ("add-filters",):
-            raise SteeringError(f"--init applies to add-filters only. Received: op={op!r}")
-        args["init"] = init
-    return Command(op=op, args=args)
 
 
 def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
@@ -194,8 +133,12 @@ def apply(trainer: Trainer, cmd: Command) -> str:
             f"model.fit cannot take. Received: {op} {layer} (fork the run instead: revacnn fork "
             f"{trainer.run_id} --epoch K --{op} ..., which continues under revacnn.fit)"
         )
-    from . import surgery
+    from ..steering import graph
 
+    # Group surgery (steering/graph.py): every layer tied to ``layer`` through Add, Concatenate,
+    # depthwise convolutions and BatchNorm changes with it; on a chain it equals the chain surgery.
+    frozen = set(st.frozen_layers)
+    step = int(np.asarray(trainer.optimizer.iterations))
     if op == "add-filters":
         n = args.get("n")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -203,10 +146,11 @@ def apply(trainer: Trainer, cmd: Command) -> str:
         init = args.get("init", "zero")
         if init not in ("zero", "random"):
             raise SteeringError(f"Received: init={init!r} (expected 'zero' or 'random')")
-        res = surgery.add_filters(trainer.model, trainer.optimizer, layer, n, init=init,
-                                  seed=trainer.config.seed + int(np.asarray(trainer.optimizer.iterations)))
+        res = graph.apply(trainer.model, trainer.optimizer,
+                          {"op": op, "args": {"layer": layer, "n": n, "init": init}},
+                          seed=trainer.config.seed + step, frozen=frozen)
         trainer.swap(res)
-        return f"{layer}: {n} filters added ({len(st.uids[layer])} now, init={init})"
+        return f"{layer}: {n} filters added ({len(st.uids[layer])} now, init={init}){_group(res)}"
     if op == "delete-filters":
         idx = _check_indices(trainer, layer, args)
         if len(idx) >= len(st.uids[layer]):
@@ -214,13 +158,23 @@ def apply(trainer: Trainer, cmd: Command) -> str:
                 f"Cannot delete every filter of {layer}. Received: {len(idx)} indices "
                 f"({layer} has {len(st.uids[layer])} filters; at least one must remain)"
             )
-        res = surgery.delete_filters(trainer.model, trainer.optimizer, layer, idx)
+        res = graph.apply(trainer.model, trainer.optimizer,
+                          {"op": op, "args": {"layer": layer, "indices": idx}}, frozen=frozen)
         trainer.swap(res)
-        return f"{layer}: filters {idx} deleted ({len(st.uids[layer])} left)"
+        return f"{layer}: filters {idx} deleted ({len(st.uids[layer])} left){_group(res)}"
     if op == "reinit-filters":
         idx = _check_indices(trainer, layer, args)
-        surgery.reinit_filters(trainer.model, trainer.optimizer, layer, idx,
-                               seed=trainer.config.seed + 7919 * (1 + int(np.asarray(trainer.optimizer.iterations))))
+        res = graph.apply(trainer.model, trainer.optimizer,
+                          {"op": op, "args": {"layer": layer, "indices": idx}},
+                          seed=trainer.config.seed + 7919 * (1 + step), frozen=frozen)
         trainer.rebuild(carry=True)
-        return f"{layer}: filters {idx} re-initialised"
+        return f"{layer}: filters {idx} re-initialised{_group(res)}"
     raise SteeringError(f"Unhandled op {op!r}")  # pragma: no cover
+
+
+def _group(res: Any) -> str:
+    """`` (group: a, b; 7 layers changed)`` when more than the target and its consumer changed."""
+    plan = res.plan
+    if len(plan.group) <= 1:
+        return ""
+    return f" (group: {', '.join(plan.group)}; {len(plan.changes)} layers changed)"

@@ -1,0 +1,163 @@
+"""The filter doctor: auto-freeze against no freezing (time saved, accuracy), and detection precision/recall.
+
+Part 1 trains each model from the same seed twice, with and without ``--auto-freeze``, alternating
+the order per seed (A B, then B A) so drift on a shared machine cancels, and reports the training
+time saved (the sum of the epochs' ``duration_s``, and wall time including the recording worker)
+and the difference in final validation accuracy. Target: >= 30 % saved, <= 1 point lost (FreezeOut
+reports about 20 % on CIFAR).
+
+Part 2 plants dead filters (a large negative bias) and duplicated filters into a trained network's
+conv layers and asks the doctor to find them: precision and recall over every planted and every
+reported filter (target >= 0.9 each).
+
+    python benchmarks/bench_doctor.py [--models convnetjs resnet20] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, table  # noqa: E402
+
+SIZES = {  # model -> (train_size, epochs): long enough for layers to converge, short enough for 2 cores
+    "convnetjs": (3000, 12),
+    "resnet20": (1000, 8),
+}
+
+
+def auto_freeze_pair(store, model: str, seed: int, first_auto: bool) -> dict:
+    from revacnn.config import TrainConfig
+    from revacnn.trainer import train
+
+    train_size, epochs = SIZES[model]
+    out: dict = {"model": model, "seed": seed}
+    for auto in ((True, False) if first_auto else (False, True)):
+        cfg = TrainConfig(model=model, epochs=epochs, train_size=train_size, val_size=1000, seed=seed,
+                          embeddings=False, auto_freeze=auto, live_every_s=0,
+                          name=f"{model}-s{seed}-{'auto' if auto else 'plain'}")
+        t = time.perf_counter()
+        run = train(cfg, store, progress=False)
+        wall = time.perf_counter() - t
+        m = run.metrics()
+        key = "auto" if auto else "plain"
+        out[f"{key}_train_s"] = float(m.duration_s.sum())
+        out[f"{key}_wall_s"] = wall
+        out[f"{key}_val_acc"] = float(m.val_accuracy.iloc[-1])
+        if auto:
+            ev = run.events()
+            ev = ev[ev.kind == "freeze"]
+            out["frozen"] = ", ".join(f"{json.loads(a)['layer']}@{e}" for a, e in zip(ev.args, ev.epoch, strict=True))
+    out["saved"] = 1.0 - out["auto_train_s"] / out["plain_train_s"]
+    out["saved_wall"] = 1.0 - out["auto_wall_s"] / out["plain_wall_s"]
+    out["acc_diff_pts"] = 100.0 * (out["auto_val_acc"] - out["plain_val_acc"])
+    return out
+
+
+def detection(store, n_plant: int = 3, seed: int = 0) -> dict:
+    """Plant dead and duplicate filters in a trained convnetjs; precision/recall of the doctor."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from revacnn.analysis.doctor import LayerArrays, diagnose_layer
+    from revacnn.config import TrainConfig
+    from revacnn.data import load_dataset
+    from revacnn.trainer import train
+
+    cfg = TrainConfig(epochs=3, train_size=2000, val_size=500, seed=seed, embeddings=False, live_every_s=0)
+    run = train(cfg, store, progress=False)
+    model = run.load_model(3)
+    ds = load_dataset("shapes", train_size=2000, val_size=500, seed=seed)
+    x = tf.constant(ds.x_train[:256])
+    y = tf.constant(ds.y_train[:256])
+    probes, _ = store.probes(run.session_id)
+    convs = [la for la in model.layers if isinstance(la, keras.layers.Conv2D)]
+    probe_model = keras.Model(model.inputs, [la.output for la in convs])
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+
+    def report() -> set[tuple[str, int, str]]:
+        acts = [np.asarray(a) for a in probe_model(tf.constant(probes), training=False)]
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=False))
+        grads = tape.gradient(loss, [la.kernel for la in convs])
+        out = set()
+        for layer, a, g in zip(convs, acts, grads, strict=True):
+            k = np.moveaxis(layer.kernel.numpy(), -1, 0)
+            gl1 = np.abs(np.moveaxis(g.numpy(), -1, 0)).reshape(k.shape[0], -1).sum(1)
+            arrays = LayerArrays(layer.name, k, layer.bias.numpy(), np.moveaxis(a, -1, 1), gl1,
+                                 list(range(k.shape[0])))
+            out |= {(layer.name, int(d.filter), d.kind) for d in diagnose_layer(arrays)
+                    if d.kind in ("dead", "redundant")}
+        return out
+
+    before = report()  # what the trained network already has (real findings, not planted ones)
+    rng = np.random.default_rng(seed)
+    planted: set[tuple[str, int, str]] = set()
+    for layer in convs:
+        k, b = layer.kernel.numpy(), layer.bias.numpy()
+        healthy = [i for i in range(k.shape[-1]) if not any((layer.name, i, kd) in before
+                                                          for kd in ("dead", "redundant"))]
+        picks = rng.choice(healthy, size=3 * n_plant, replace=False)
+        dead, src, dup = picks[:n_plant], picks[n_plant:2 * n_plant], picks[2 * n_plant:]
+        b[dead] = -1e4
+        for s, d in zip(src, dup, strict=True):
+            k[..., d] = k[..., s]
+            b[d] = b[s]
+        layer.kernel.assign(k)
+        layer.bias.assign(b)
+        planted |= {(layer.name, int(i), "dead") for i in dead}
+        planted |= {(layer.name, int(max(s, d)), "redundant") for s, d in zip(src, dup, strict=True)}
+    found = report() - before
+    tp = len(found & planted)
+    return {"planted": len(planted), "reported": len(found), "true_positives": tp,
+            "pre_existing": len(before),
+            "precision": tp / len(found) if found else float("nan"),
+            "recall": tp / len(planted) if planted else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
+    args = ap.parse_args()
+    from revacnn import open_store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(Path(tmp) / "store")
+        rows = []
+        for model in args.models:
+            for seed in range(args.seeds):
+                rows.append(auto_freeze_pair(store, model, seed, first_auto=seed % 2 == 0))
+                print(table([rows[-1]], ["model", "seed", "frozen", "saved", "saved_wall", "plain_val_acc",
+                                         "auto_val_acc", "acc_diff_pts"]), flush=True)
+        summary = []
+        for model in args.models:
+            r = [x for x in rows if x["model"] == model]
+            summary.append({
+                "model": model, "seeds": len(r),
+                "saved_median": median(x["saved"] for x in r),
+                "saved_min": min(x["saved"] for x in r), "saved_max": max(x["saved"] for x in r),
+                "saved_wall_median": median(x["saved_wall"] for x in r),
+                "acc_diff_pts_median": median(x["acc_diff_pts"] for x in r),
+                "acc_diff_pts_worst": min(x["acc_diff_pts"] for x in r),
+            })
+        print("\nAuto-freeze against no freezing (training time = sum of epoch durations):")
+        print(table(summary))
+        det = detection(store)
+        print("\nDetection of planted dead and duplicate filters (convnetjs, 3 of each per conv layer):")
+        print(table([det]))
+        print(json.dumps({"auto_freeze": summary, "pairs": rows, "detection": det,
+                          "spread_saved": {m["model"]: statistics.pstdev([x["saved"] for x in rows
+                                                                          if x["model"] == m["model"]])
+                                           for m in summary}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The doctor inside a recording: the ``diagnoses`` table flags a killed filter and a frozen layer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import revacnn
+from revacnn.steering import parse
+from revacnn.trainer import fork
+
+from ..conftest import tiny_cnn
+
+
+def test_killed_filter_reads_dead_and_frozen_layer_reads_converged(tmp_path, keras_mod, tiny_data):
+    keras_mod.utils.set_random_seed(4)
+    model = tiny_cnn(keras_mod)
+    model.build((None, 12, 12, 3))
+    conv2 = model.get_layer("conv2")
+    b = conv2.bias.numpy()
+    b[3] = -1e4  # ReLU(x - 1e4) = 0 for every input this data can give: filter 3 is dead from the start
+    conv2.bias.assign(b)
+    (x, y), (xv, yv) = tiny_data
+    store = revacnn.open_store(tmp_path / "store")
+    run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=2, batch_size=64, store=store,
+                      probes=8, seed=1, progress=False)
+    d = store.sql(f"SELECT epoch, layer, filter_uid, kind, suggestion FROM diagnoses "
+                  f"WHERE run_id = '{run.run_id}' ORDER BY epoch, layer, filter_uid")
+    dead = d[d.kind == "dead"]
+    # conv2's filter 3 at every epoch (its bias makes every output 0, so its gradient is 0 too)
+    killed = dead[(dead.layer == "conv2") & (dead.filter_uid == 3)]
+    assert killed.epoch.tolist() == [0, 1, 2]
+    assert json.loads(killed.suggestion.iloc[-1]) == {
+        "op": "reinit-filters", "args": {"layer": "conv2", "indices": [3]}, "filter_uids": [3]}
+    # every filter called dead is silent on every probe in the recorded arrays (ReLU nets on raw
+    # 0..255 inputs also kill filters by themselves), and its recorded gradient sum is ~0
+    for epoch, layer, uid in dead[["epoch", "layer", "filter_uid"]].values.tolist():
+        rec = run.epoch(int(epoch)).layer(layer)
+        i = rec.filter_uids.tolist().index(uid)
+        assert np.all(rec.activations[:, i] == 0)
+        assert rec.grad_l1[i] <= 1e-3 * max(float(np.median(rec.grad_l1)), 1e-30)
+
+    child = fork(store, run.run_id, 1, changes=[parse("freeze", ["conv1"])], epochs=3,
+                 progress=False, data=((x, y), (xv, yv)))
+    c = store.sql(f"SELECT epoch, layer, kind, suggestion FROM diagnoses "
+                  f"WHERE run_id = '{child.run_id}' AND kind = 'converged' ORDER BY epoch")
+    frozen = c[c.layer == "conv1"]
+    assert frozen.epoch.tolist() == [2, 3]  # the fork point itself trained nothing: not judged
+    assert frozen.suggestion.isna().all()  # already frozen: nothing to suggest
+    for s in c[c.layer != "conv1"].suggestion:  # a still-training layer that converged: freeze it
+        assert json.loads(s)["op"] == "freeze"
