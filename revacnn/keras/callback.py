@@ -80,6 +80,9 @@ class _FitCore(Trainer):
         self._pending_parents: dict[str, dict[int, int]] = {}
         self.commands = CommandQueue(self.store, self.run_id)
         self.val: tuple[float, float] = (float("nan"), float("nan"))
+        self.auto_freezer = None  # the user's fit decides; auto-freeze runs under revacnn.fit only
+        self.user_callbacks: list[Any] = []
+        self.end_message: str | None = None
         self.rebuild()
 
     def rebuild(self, *, carry: bool = False) -> None:
