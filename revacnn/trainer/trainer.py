@@ -261,13 +261,18 @@ class Trainer:
             if name in self.state.frozen_filters:
                 live = set(new_uids)
                 self.state.frozen_filters[name] = [u for u in self.state.frozen_filters[name] if u in live]
-        cc = self.model.get_compile_config()
-        cfg = keras.saving.deserialize_keras_object({k: v for k, v in cc.items() if k != "optimizer"})
+        old = getattr(self, "model", None)
+        cc = old.get_compile_config() if getattr(old, "compiled", False) else {}
         self.model = result.model
         self.optimizer = result.optimizer
-        self.model.compile(optimizer=self.optimizer, **cfg)
+        if self.optimizer is not None:  # the new model trains with the loss and metrics it had
+            cfg = keras.saving.deserialize_keras_object({k: v for k, v in cc.items() if k != "optimizer"})
+            if cfg.get("loss") is None:
+                cfg["loss"] = keras.losses.SparseCategoricalCrossentropy()
+            self.model.compile(optimizer=self.optimizer, **cfg)
         self.model.stop_training = False
-        self.callbacks.set_model(self.model)
+        if getattr(self, "callbacks", None) is not None:
+            self.callbacks.set_model(self.model)
         self.rebuild(carry=True)
 
     def frozen_mask(self, layer_name: str) -> np.ndarray:
