@@ -137,6 +137,19 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
         t0 = time.perf_counter()
         trainer._train_epoch(epoch)
         t["off"].append(time.perf_counter() - t0)
+    # the cost of durable commits: each epoch's writes (checkpoint, arrays, rows, marker) with the
+    # fsyncs before the marker on and off, alternated epoch by epoch
+    recording(True)
+    t_dur: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(samples):
+        for durable in ((False, True) if i % 2 == 0 else (True, False)):
+            writer.durable = durable
+            epoch += 1
+            trainer._train_epoch(epoch)
+            wait_commit(epoch)
+            t_dur[durable].append(trainer.recorder.write_s[-1])
+    writer.durable = True
+    pair = [d / n for d, n in zip(t_dur[True], t_dur[False], strict=True)]
     trainer.recorder.close()
     writer.set_status("finished")
     med = {k: median(v) for k, v in t.items()}
@@ -151,6 +164,10 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
         "ratio_vs_fit": med["recorded"] / med["fit"],
         "ratio_vs_off": med["recorded"] / med["off"],
         "worker_errors": len(trainer.recorder.errors),
+        "durable_commit_s": median(t_dur[True]),
+        "non_durable_commit_s": median(t_dur[False]),
+        "durable_commit_ratio": median(t_dur[True]) / median(t_dur[False]),
+        "durable_ratio_spread": f"{min(pair):.2f}-{max(pair):.2f}",
     }
     _ = np
     return res

@@ -473,10 +473,30 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _one_line_store_warnings(cmd: str) -> None:
+    """Show a corrupt file skipped by a store-wide read as one line on stderr (other warnings as usual)."""
+    import warnings
+
+    from .errors import CorruptStoreWarning
+
+    default = warnings.showwarning
+    default = getattr(default, "_revacnn_default", default)  # main() called again in one process
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+        if issubclass(category, CorruptStoreWarning):
+            sys.stderr.write(f"revacnn {cmd}: warning: {message}\n")
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show._revacnn_default = default  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; bad input prints one line on stderr and returns 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
+    _one_line_store_warnings(args.cmd)
     try:
         return COMMANDS[args.cmd](args)
     except RevacnnError as exc:

@@ -9,6 +9,10 @@ __all__ = [
     "UnsupportedLayerError",
     "StoreError",
     "StoreNotFoundError",
+    "CorruptStoreError",
+    "CorruptStoreWarning",
+    "StoreWriteError",
+    "RunBusyError",
     "RunNotFoundError",
     "EpochNotFoundError",
     "LayerNotFoundError",
@@ -42,6 +46,25 @@ class StoreError(RevacnnError, OSError):
 
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """No store exists at the given path."""
+
+
+class CorruptStoreError(StoreError):
+    """A file of the store exists but cannot be read (truncated, garbled, not what it should be).
+
+    The message names the file and what to do; the rest of the store stays readable.
+    """
+
+
+class CorruptStoreWarning(UserWarning):
+    """A store-wide read (SQL, the runs table) skipped a corrupt file; the message names it."""
+
+
+class StoreWriteError(StoreError):
+    """The store cannot be written (a full disk, a read-only folder): training stops as `failed`."""
+
+
+class RunBusyError(RevacnnError, BlockingIOError):
+    """Another live process writes this run (it holds the run's lease)."""
 
 
 class RunNotFoundError(RevacnnError, KeyError):

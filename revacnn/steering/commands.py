@@ -24,15 +24,25 @@ class Command:
         args: its arguments (``{"layer": "conv1"}`` …).
         command_id: unique id; the resulting event carries it as ``event_id``.
         sent_at: UNIX time the sender wrote it.
+        apply_at: ``(epoch, batch)``: not before this batch boundary (None: at the next one). Set
+            when a resume puts back a command of a discarded epoch, and by tests.
     """
 
     op: str
     args: dict[str, Any] = field(default_factory=dict)
     command_id: str = field(default_factory=lambda: f"cmd-{secrets.token_hex(6)}")
     sent_at: float = field(default_factory=time.time)
+    apply_at: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"op": self.op, "args": self.args, "command_id": self.command_id, "sent_at": self.sent_at}
+        out = {"op": self.op, "args": self.args, "command_id": self.command_id, "sent_at": self.sent_at}
+        if self.apply_at is not None:
+            out["apply_at"] = [int(self.apply_at[0]), int(self.apply_at[1])]
+        return out
+
+
+#: Commands that steer the trainer rather than change the model: a resume does not replay them.
+CONTROL_OPS = ("pause", "resume", "stop")
 
 
 #: op -> argument names (``indices`` takes the rest of the words)

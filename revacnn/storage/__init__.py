@@ -7,6 +7,7 @@ The names below are its public interface; modules outside `revacnn.storage` impo
 
 from __future__ import annotations
 
+from ._durable import fsync_dir
 from ._layout import atomic_write_json
 from ._schema import EVENTS_SCHEMA
 from ._tables import event_files, read_tables
@@ -27,6 +28,7 @@ __all__ = [
     "check_select",
     "create_session",
     "event_files",
+    "fsync_dir",
     "open_store",
     "read_tables",
 ]

@@ -35,14 +35,24 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    With ``durable``, the data and the folder entry are on disk when this returns (fsync).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
+        if durable:
+            from ._durable import fsync_dir
+
+            fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -51,9 +61,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically."""
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+def atomic_write_json(path: Path, obj: Any, *, durable: bool = False) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (and durably with ``durable``)."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode(), durable=durable)
 
 
 def tmp_path_for(path: Path) -> Path:
@@ -96,6 +106,12 @@ class Layout:
 
     def status_json(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "status.json"
+
+    def lease(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "lease"
+
+    def manifest(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "tables" / "manifest.json"
 
     def arrays_dir(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "arrays.zarr"

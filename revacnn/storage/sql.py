@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,11 +12,12 @@ from typing import TYPE_CHECKING
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import SQLError
+from ..errors import CorruptStoreError, CorruptStoreWarning, SQLError, StoreError
 from ._schema import EVENTS_SCHEMA, SEGMENT_TABLES, ddl
-from ._tables import _conform
+from ._tables import _conform, _corrupt_message, generation
 
 if TYPE_CHECKING:
     from .store import Store
@@ -114,6 +116,8 @@ class _FileCache:
             t = _conform(pq.read_table(path), schema)
         except FileNotFoundError:
             return None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CorruptStoreError(_corrupt_message(path, exc)) from None
         with self._lock:
             self._cache[path] = (key, t)
         return t
@@ -193,6 +197,10 @@ def sandboxed_connection(
     return con
 
 
+class _Changed(Exception):
+    """The files changed generation while they were read: list and read again."""
+
+
 class SQLEngine:
     """Answers read-only SQL over a store.
 
@@ -225,15 +233,68 @@ class SQLEngine:
         probes = store._probe_rows()
         files: dict[str, list[Path]] = {t: [] for t in SEGMENT_TABLES}
         files["events"] = []
+        self._views = {}
         for run_id in runs["run_id"]:
-            committed = set(store._committed(run_id))
+            try:
+                rf = store._run_files(run_id)  # one compaction generation of the run, never a mix
+            except StoreError as exc:
+                warnings.warn(f"the tables of run {run_id} are left out: {exc}", CorruptStoreWarning,
+                              stacklevel=4)
+                continue
+            self._views[run_id] = rf
             for t in SEGMENT_TABLES:
-                files[t].extend(store._table_files(run_id, t, committed))
+                files[t].extend(rf.files[t])
             files["events"].extend(store._event_files(run_id))
         return files, sessions, runs, probes
 
+    def _read_all(self, files: dict[str, list[Path]], schemas: dict[str, pa.Schema]) -> dict[str, pa.Table | None]:
+        """Every table's rows; a corrupt file drops its epochs (warned); a vanished one restarts."""
+        bad: dict[str, set[int]] = {}
+        parts: dict[str, list[pa.Table]] = {}
+        for table, schema in schemas.items():
+            parts[table] = []
+            for p in files[table]:
+                try:
+                    t = self._files.read(p, schema)
+                except CorruptStoreError as exc:
+                    run_id = p.parent.parent.parent.name
+                    warnings.warn(str(exc), CorruptStoreWarning, stacklevel=5)
+                    view = self._views.get(run_id)
+                    if table != "events":
+                        bad.setdefault(run_id, set()).update(view.epochs_of(p) if view else ())
+                    continue
+                if t is None:  # removed meanwhile: a compaction switched generation, or a resume
+                    raise _Changed
+                parts[table].append(t)
+        for run_id, view in self._views.items():
+            if generation(self._store.layout, run_id) != view.generation:
+                raise _Changed
+        out: dict[str, pa.Table | None] = {}
+        for table, ps in parts.items():
+            t = pa.concat_tables(ps) if ps else None
+            if t is not None and bad and table != "events":
+                keep = None
+                for run_id, epochs in bad.items():
+                    drop = pc.and_(pc.equal(t["run_id"], run_id), pc.is_in(t["epoch"], pa.array(sorted(epochs), pa.int32())))
+                    keep = pc.invert(drop) if keep is None else pc.and_(keep, pc.invert(drop))
+                t = t.filter(keep)
+            out[table] = t
+        return out
+
     def connection(self) -> duckdb.DuckDBPyConnection:
-        """A locked-down connection over the store's current contents (rebuilt when it changed)."""
+        """A locked-down connection over the store's current contents (rebuilt when it changed).
+
+        Each run's tables come from one compaction generation; when a compaction switches
+        generation while the files are read, they are listed and read again.
+        """
+        for _ in range(50):
+            try:
+                return self._connection()
+            except _Changed:
+                continue
+        raise SQLError("The store kept changing while the query's tables were read; try again")
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
         files, sessions, runs, probes = self._gather()
         stamp = []
         for t, paths in files.items():
@@ -255,11 +316,13 @@ class SQLEngine:
             schemas = dict(SEGMENT_TABLES)
             schemas["events"] = EVENTS_SCHEMA
 
+            tables = self._read_all(files, schemas)
+
             def load(con: duckdb.DuckDBPyConnection) -> None:
                 for table, schema in schemas.items():
-                    parts = [t for t in (self._files.read(p, schema) for p in files[table]) if t is not None]
-                    if parts:
-                        con.register("_arrow", pa.concat_tables(parts))
+                    arrow = tables[table]
+                    if arrow is not None:
+                        con.register("_arrow", arrow)
                         con.execute(f'CREATE TABLE "{table}" AS SELECT * FROM _arrow')
                         con.unregister("_arrow")
                     else:

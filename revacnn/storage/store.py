@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,6 +17,8 @@ import pandas as pd
 import zarr
 
 from ..errors import (
+    CorruptStoreError,
+    CorruptStoreWarning,
     EpochNotFoundError,
     LayerNotFoundError,
     RunNotFoundError,
@@ -25,20 +27,27 @@ from ..errors import (
 )
 from ._layout import FORMAT_NAME, FORMAT_VERSION, Layout, atomic_write_json
 from ._schema import EVENTS_SCHEMA, PROBES_COLUMNS, RUNS_COLUMNS, SEGMENT_TABLES, SESSIONS_COLUMNS
-from ._tables import committed_epochs, event_files, read_tables, table_files
+from ._tables import (
+    committed_epochs,
+    event_files,
+    read_run_table,
+    read_tables,
+    run_files,
+    table_files,
+)
+from .lease import HEARTBEAT_TIMEOUT_S, HOST, owner_alive
 from .sql import SQLEngine
 
-#: A run whose trainer has not written a heartbeat for this long reads as `interrupted`.
-HEARTBEAT_TIMEOUT_S = 30.0
-HOST = socket.gethostname()
+__all__ = ["HEARTBEAT_TIMEOUT_S", "HOST", "EpochRecord", "LayerRecord", "Run", "Store", "open_store"]
 
 
-def open_store(path: str | os.PathLike[str] | None = None, *, mode: str = "a") -> Store:
+def open_store(path: str | os.PathLike[str] | None = None, *, mode: str = "a", durable: bool = True) -> Store:
     """Open the store at ``path``.
 
     Args:
         path: The store's root folder. Defaults to ``$REVACNN_STORE`` or ``./store``.
         mode: ``"a"`` opens and creates it if missing; ``"r"`` requires it to exist.
+        durable: writers fsync each epoch's files before its commit (turn off only in tests).
 
     Returns:
         The `Store`.
@@ -54,24 +63,7 @@ def open_store(path: str | os.PathLike[str] | None = None, *, mode: str = "a") -
         path = os.environ.get("REVACNN_STORE", "store")
     if mode not in ("a", "r"):
         raise ValueError(f"Received: mode={mode!r} (expected 'a' or 'r')")
-    return Store(path, create=(mode == "a"))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+    return Store(path, create=(mode == "a"), durable=durable)
 
 
 def _file_stamp(path: Path) -> tuple[int, int] | None:
@@ -96,7 +88,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as exc:
-        raise StoreError(f"Corrupt store file {path}: {exc}") from None
+        raise CorruptStoreError(f"Corrupt store file {path}: {exc}") from None
 
 
 class Store:
@@ -112,8 +104,9 @@ class Store:
         (16, 5, 5, 3)
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True, durable: bool = True) -> None:
         self.root = Path(root).absolute()
+        self.durable = durable
         self.layout = Layout(self.root)
         marker = self.layout.marker
         if not marker.exists():
@@ -193,7 +186,9 @@ class Store:
             try:
                 run = self.run(rid)
                 info = run.info
-            except (StoreError, RunNotFoundError):
+                status, status_info = run._status_or_warn()
+            except (StoreError, RunNotFoundError) as exc:
+                warnings.warn(f"run {rid} left out: {exc}", CorruptStoreWarning, stacklevel=2)
                 continue
             rows.append(
                 {
@@ -202,10 +197,10 @@ class Store:
                     "parent_run_id": info.get("parent_run_id"),
                     "fork_epoch": info.get("fork_epoch"),
                     "name": info.get("name"),
-                    "status": run.status,
+                    "status": status,
                     "created_at": pd.Timestamp(info.get("created_at")),
-                    "finished_at": pd.Timestamp(run.status_info.get("finished_at"))
-                    if run.status_info.get("finished_at")
+                    "finished_at": pd.Timestamp(status_info.get("finished_at"))
+                    if status_info.get("finished_at")
                     else pd.NaT,
                     "config": json.dumps(info.get("config", {})),
                 }
@@ -289,6 +284,9 @@ class Store:
     # ------------------------------------------------------------------ internals used by SQL
     def _committed(self, run_id: str) -> list[int]:
         return committed_epochs(self.layout, run_id)
+
+    def _run_files(self, run_id: str):  # noqa: ANN202 - RunFiles
+        return run_files(self.layout, run_id)
 
     def _table_files(self, run_id: str, table: str, committed: set[int]) -> list[Path]:
         return table_files(self.layout, run_id, table, committed)
@@ -397,30 +395,61 @@ class Run:
 
     @property
     def status_info(self) -> dict[str, Any]:
-        """The raw ``status.json`` (status, pid, host, heartbeat_at, finished_at, message)."""
-        try:
-            return _read_json(self.store.layout.status_json(self.run_id))
-        except (FileNotFoundError, StoreError):
-            return {"status": "interrupted"}
+        """The raw ``status.json`` (status, pid, host, boot_id, heartbeat_at, finished_at, message).
+
+        A missing file reads as ``{"status": "interrupted"}``.
+
+        Raises:
+            CorruptStoreError: the file exists but is not a JSON object.
+        """
+        path = self.store.layout.status_json(self.run_id)
+        for attempt in range(3):  # a writer on a full disk rewrites it in place: read again
+            try:
+                info = _read_json(path)
+                if not isinstance(info, dict):
+                    raise CorruptStoreError(f"Corrupt store file {path}: not a JSON object")
+                return info
+            except FileNotFoundError:
+                return {"status": "interrupted"}
+            except CorruptStoreError:
+                if attempt == 2:
+                    raise CorruptStoreError(
+                        f"The status file {path} of run {self.run_id} is corrupt. Its epochs are "
+                        f"intact: delete the file (the run then reads `interrupted`) and "
+                        f"`revacnn resume {self.run_id}`"
+                    ) from None
+                time.sleep(0.01)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @property
     def status(self) -> str:
-        """``running``, ``finished``, ``stopped``, ``interrupted`` or ``failed``, checked now."""
+        """``running``, ``finished``, ``stopped``, ``interrupted`` or ``failed``, checked now.
+
+        A ``running`` run is `interrupted` once its writer is gone: on the writer's host, when its
+        pid is (however long since the last heartbeat); from another host, when its heartbeat is
+        older than `HEARTBEAT_TIMEOUT_S`.
+        """
         info = self.status_info
         status = info.get("status", "interrupted")
         if status == "running" and not self._trainer_alive(info):
             return "interrupted"
         return status
 
+    def _status_or_warn(self) -> tuple[str, dict[str, Any]]:
+        """(status, status_info); a corrupt status file warns and reads as interrupted."""
+        try:
+            info = self.status_info
+        except CorruptStoreError as exc:
+            warnings.warn(str(exc), CorruptStoreWarning, stacklevel=3)
+            return "interrupted", {}
+        status = info.get("status", "interrupted")
+        if status == "running" and not self._trainer_alive(info):
+            status = "interrupted"
+        return status, info
+
     @staticmethod
     def _trainer_alive(info: dict[str, Any]) -> bool:
-        pid, host = info.get("pid"), info.get("host")
-        if pid and host == HOST and not _pid_alive(int(pid)):
-            return False
-        beat = info.get("heartbeat_at")
-        if beat is None:
-            return True
-        return time.time() - float(beat) < HEARTBEAT_TIMEOUT_S
+        return owner_alive(info, HEARTBEAT_TIMEOUT_S)
 
     @property
     def session(self) -> dict[str, Any]:
@@ -482,9 +511,7 @@ class Run:
         """This run's own committed rows of a segment table (epochs, layers, filters, predictions)."""
         if table not in SEGMENT_TABLES:
             raise KeyError(f"Received: table={table!r} (expected one of {', '.join(SEGMENT_TABLES)})")
-        committed = set(self.epochs())
-        files = table_files(self.store.layout, self.run_id, table, committed)
-        return read_tables(files, SEGMENT_TABLES[table]).to_pandas()
+        return read_run_table(self.store.layout, self.run_id, table).to_pandas()
 
     def checkpoint_path(self, epoch: int) -> Path:
         """Path of the checkpoint of ``epoch`` (resolved to the ancestor that recorded it)."""
@@ -519,10 +546,17 @@ class LayerRecord:
 
     def _get(self, key: str) -> np.ndarray:
         try:
-            return np.asarray(self.group[key][:])
+            arr = self.group[key]
         except KeyError:
             raise KeyError(
                 f"Layer {self.name} of run {self.run_id} epoch {self.epoch} has no array {key!r}"
+            ) from None
+        try:
+            return np.asarray(arr[:])
+        except Exception as exc:  # a garbled chunk: numcodecs/blosc raise assorted errors
+            raise CorruptStoreError(
+                f"The array {self.name}/{key} of run {self.run_id} epoch {self.epoch} is corrupt "
+                f"({type(exc).__name__}: {exc}); the other arrays and epochs stay readable"
             ) from None
 
     def has(self, key: str) -> bool:
@@ -564,7 +598,7 @@ class EpochRecord:
             self._group = zarr.open_group(str(path), mode="r")
             self.layer_names: list[str] = list(self._group.attrs["layers"])
         except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
-            raise StoreError(
+            raise CorruptStoreError(
                 f"The arrays of run {run_id} epoch {epoch} are missing or corrupt ({path}): {exc}"
             ) from None
 

@@ -2,28 +2,41 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec
 
-from ._layout import atomic_write_json, epoch_tag, new_id, utcnow
+from .._faults import kill_point, write_point
+from ._durable import SyncSet, fsync_dir
+from ._layout import atomic_write_json, new_id, tmp_path_for, utcnow
 from ._schema import EVENTS_SCHEMA, SEGMENT_TABLES
 from ._tables import (
     COMPACT_PREFIX,
+    RunFiles,
+    compact_name,
+    event_files,
     read_tables,
-    table_files,
+    run_files,
+    segment_epoch,
     to_table,
     write_parquet_atomic,
 )
-from .store import HOST, Store
+from .lease import RunLease, owner_info
+from .store import Store
+
+log = logging.getLogger("revacnn.storage")
 
 _FLOAT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 _INT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
@@ -98,12 +111,20 @@ class RunWriter:
 
     An epoch is committed by writing its ``epochs`` row last: readers only see epochs whose row
     exists, so a crash at any point leaves the previous epochs intact and the current one invisible.
+    With ``durable`` (the store's default), every file of the epoch and the folders listing them are
+    fsynced before the row's file is renamed into place, so the marker never outlives its data.
+
+    A writer holding the run's lease (`create` takes it, `acquire` for a resume) is the run's only
+    writer until it releases it or ends; see `revacnn.storage.lease`.
     """
 
-    def __init__(self, store: Store, run_id: str) -> None:
+    def __init__(self, store: Store, run_id: str, *, durable: bool | None = None) -> None:
         self.store = store
         self.run_id = run_id
         self.layout = store.layout
+        self.durable = bool(getattr(store, "durable", True) if durable is None else durable)
+        self.lease = RunLease(self.layout.lease(run_id), run_id)
+        self._sync = SyncSet()
         self._event_seq = 0
         self._last_beat = 0.0
 
@@ -117,9 +138,12 @@ class RunWriter:
         name: str | None = None,
         parent_run_id: str | None = None,
         fork_epoch: int | None = None,
+        durable: bool | None = None,
     ) -> RunWriter:
-        """Create a new run in ``session_id`` and return its writer."""
+        """Create a new run in ``session_id``, take its lease and return its writer."""
         rid = new_id("run")
+        w = cls(store, rid, durable=durable)
+        w.lease.acquire()
         atomic_write_json(
             store.layout.run_json(rid),
             {
@@ -131,35 +155,73 @@ class RunWriter:
                 "created_at": utcnow().isoformat(),
                 "config": dict(config),
             },
+            durable=w.durable,
         )
-        w = cls(store, rid)
         w.set_status("running")
         return w
 
+    # ------------------------------------------------------------------ lease
+    def acquire(self) -> RunWriter:
+        """Take the run's lease (before resuming it).
+
+        Raises:
+            RunBusyError: another live process writes the run; the message names it.
+        """
+        try:
+            status = json.loads(self.layout.status_json(self.run_id).read_text())
+        except (OSError, ValueError):
+            status = None
+        self.lease.acquire(status if isinstance(status, dict) else None)
+        return self
+
+    def release(self) -> None:
+        """Give up the run's lease (done by a terminal `set_status`)."""
+        self.lease.release()
+
     # ------------------------------------------------------------------ status
     def set_status(self, status: str, message: str | None = None) -> None:
-        """Write the run's status; terminal statuses also record ``finished_at``."""
+        """Write the run's status; terminal statuses also record ``finished_at`` and free the lease."""
         info: dict[str, Any] = {
             "status": status,
-            "pid": os.getpid(),
-            "host": HOST,
+            **owner_info(),
             "heartbeat_at": time.time(),
             "message": message,
         }
         if status != "running":
             info["finished_at"] = utcnow().isoformat()
-        atomic_write_json(self.layout.status_json(self.run_id), info)
+        self._write_status(info, durable=self.durable and status != "running")
         self._status = info
+        if status != "running":
+            self.release()
+
+    def _write_status(self, info: dict[str, Any], *, durable: bool = False) -> None:
+        path = self.layout.status_json(self.run_id)
+        try:
+            atomic_write_json(path, info, durable=durable)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+                raise
+            # A full disk: no room for a new file, but the old one's block can be rewritten in place.
+            data = json.dumps(info, indent=1, sort_keys=True, default=str).encode()
+            with open(path, "r+b") as fh:
+                fh.write(data)
+                fh.truncate()
 
     def heartbeat(self, *, every_s: float = 2.0, **extra: Any) -> None:
-        """Refresh the heartbeat (at most every ``every_s`` seconds) so readers know we are alive."""
+        """Refresh the heartbeat (at most every ``every_s`` seconds) so readers know we are alive.
+
+        On the writer's own host, readers go by its pid; the heartbeat matters across hosts.
+        """
         now = time.time()
         if now - self._last_beat < every_s:
             return
         self._last_beat = now
         info = dict(getattr(self, "_status", {"status": "running"}))
-        info.update(extra, heartbeat_at=now, pid=os.getpid(), host=HOST)
-        atomic_write_json(self.layout.status_json(self.run_id), info)
+        info.update(extra, heartbeat_at=now, **owner_info())
+        try:
+            self._write_status(info)
+        except OSError as exc:  # a heartbeat that cannot be written must not stop training
+            log.warning("heartbeat of %s not written: %s", self.run_id, exc)
         self._status = info
 
     # ------------------------------------------------------------------ epochs
@@ -169,6 +231,7 @@ class RunWriter:
     ) -> None:
         """Write an epoch's arrays: one Zarr group per layer, plus top-level arrays in ``extra``."""
         path = self.layout.epoch_arrays(self.run_id, epoch)
+        write_point(path)
         if path.exists():  # left over by a crash or an uncommitted attempt: replace it
             shutil.rmtree(path)
         root = zarr.open_group(str(path), mode="w")
@@ -188,39 +251,88 @@ class RunWriter:
             root.create_array(key, data=a, chunks=a.shape or None, compressors=_FLOAT_CODEC,
                               dimension_names=dimension_names(key, a.ndim, "extra"))
         root.attrs.update({"layers": list(layers), **dict(attrs)})
+        if self.durable:
+            self._sync.add_tree(path)
+            self._sync.add_dirs([self.layout.arrays_dir(self.run_id), self.layout.run_dir(self.run_id)])
 
     def write_rows(self, table: str, epoch: int, rows: Any) -> None:
         """Write one epoch's rows of a segment table (not yet visible: see `commit`)."""
-        write_parquet_atomic(to_table(rows, SEGMENT_TABLES[table]), self.layout.table_segment(self.run_id, table, epoch))
+        path = self.layout.table_segment(self.run_id, table, epoch)
+        write_point(path)
+        write_parquet_atomic(to_table(rows, SEGMENT_TABLES[table]), path)
+        if self.durable:  # synced with the rest of the epoch, before its marker
+            self._sync.add_file(path)
+            self._sync.add_dir(path.parent.parent)
 
     def commit(self, epoch: int, row: Mapping[str, Any]) -> None:
-        """Commit ``epoch`` by writing its ``epochs`` row; call after its arrays and other rows."""
+        """Commit ``epoch`` by writing its ``epochs`` row; call after its arrays and other rows.
+
+        Durable: the epoch's files and folders are fsynced first, the row's folder after the rename.
+        """
         row = {"run_id": self.run_id, "epoch": epoch, "committed_at": utcnow(), **row}
-        self.write_rows("epochs", epoch, [row])
+        path = self.layout.table_segment(self.run_id, "epochs", epoch)
+        write_point(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_path_for(path)
+        try:
+            pq.write_table(to_table([row], SEGMENT_TABLES["epochs"]), tmp, compression="zstd")
+            if self.durable:
+                self._sync.add_file(tmp)
+                self._sync.add_dir(path.parent.parent)
+                self._sync.flush()
+            kill_point("before_commit")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.durable:
+            fsync_dir(path.parent)
 
     def write_checkpoint(self, epoch: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write the checkpoint of ``epoch`` (an ``.npz``) atomically."""
         path = self.layout.checkpoint(self.run_id, epoch)
+        write_point(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp.npz"
         np.savez(tmp, **arrays)
+        kill_point("checkpoint_write")
         os.replace(tmp, path)
+        if self.durable:  # synced with the rest of the epoch, before its marker
+            self._sync.add_file(path)
+            self._sync.add_dir(path.parent.parent)
 
     def discard_after(self, epoch: int) -> None:
-        """Remove every trace of epochs after ``epoch`` (before resuming from it)."""
+        """Remove every trace of epochs after ``epoch`` and half-written files (before resuming)."""
         for table in SEGMENT_TABLES:
             d = self.layout.table_dir(self.run_id, table)
             if d.exists():
                 for p in d.iterdir():
-                    if p.name.startswith("e") and p.suffix == ".parquet" and int(p.stem[1:]) > epoch:
+                    e = segment_epoch(p)
+                    if (e is not None and e > epoch) or p.name.endswith(".tmp"):
                         p.unlink(missing_ok=True)
         arr = self.layout.arrays_dir(self.run_id)
         if arr.exists():
             for p in arr.iterdir():
                 if p.name.startswith("e") and p.name[1:].isdigit() and int(p.name[1:]) > epoch:
                     shutil.rmtree(p, ignore_errors=True)
+        ck = self.layout.checkpoint(self.run_id, 0).parent
+        if ck.exists():
+            for p in ck.iterdir():
+                stem = p.name.split(".")[0]
+                if p.name.startswith(".") or (stem[1:].isdigit() and int(stem[1:]) > epoch):
+                    p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ events
+    def find_event(self, event_id: str) -> dict[str, Any] | None:
+        """The event already recorded for ``event_id`` (a command id), or None."""
+        suffix = f"-{_safe(event_id)}.parquet"
+        for p in event_files(self.layout, self.run_id):
+            if p.name.endswith(suffix):
+                for row in read_tables([p], EVENTS_SCHEMA).to_pylist():
+                    if row["event_id"] == event_id:
+                        return row
+        return None
+
     def write_event(
         self,
         *,
@@ -233,7 +345,7 @@ class RunWriter:
         message: str,
         sent_at: float | None = None,
     ) -> dict[str, Any]:
-        """Record a steering event (one small Parquet file) and return its row."""
+        """Record a steering event (one small Parquet file, durable) and return its row."""
         self._event_seq += 1
         at = utcnow()
         row = {
@@ -250,30 +362,81 @@ class RunWriter:
             "latency_ms": None if sent_at is None else (at.timestamp() - sent_at) * 1000.0,
         }
         name = f"{at.strftime('%Y%m%dT%H%M%S%f')}-{self._event_seq:06d}-{_safe(event_id)}.parquet"
-        write_parquet_atomic(to_table([row], EVENTS_SCHEMA), self.layout.events_dir(self.run_id) / name)
+        d = self.layout.events_dir(self.run_id)
+        write_parquet_atomic(to_table([row], EVENTS_SCHEMA), d / name)
+        if self.durable:  # on disk before its command leaves the queue
+            sync = SyncSet()
+            sync.add_file(d / name)
+            sync.flush()
         return row
 
     # ------------------------------------------------------------------ compaction
     def compact(self) -> None:
-        """Merge each table's committed segments into one ``compact-eNNNNN.parquet`` file."""
-        committed = set(self.store._committed(self.run_id))
-        if not committed:
+        """Merge each table's committed files into one file per table, published as a new generation.
+
+        The merged files get new names (``compact-gNNNNNN.parquet``); one atomic write of
+        ``tables/manifest.json`` then switches readers to them, and only after that are the old
+        segments removed. A reader lists one generation or the other (`run_files`), never a mix,
+        so it never sees an epoch's ``epochs`` row without its other rows. A crash before the
+        switch leaves unnamed merged files (ignored, removed next time); after it, old segments
+        (ignored, removed next time).
+        """
+        rf = run_files(self.layout, self.run_id)
+        if not rf.epochs:
             return
-        upto = max(committed)
-        for table, schema in SEGMENT_TABLES.items():
-            files = table_files(self.layout, self.run_id, table, committed)
-            if len(files) <= 1:
+        upto = max(rf.epochs)
+        if rf.generation and rf.upto == upto and all(len(v) <= 1 for v in rf.files.values()):
+            self._remove_stale(rf)
+            return
+        gen = rf.generation + 1
+        names: dict[str, str | None] = {}
+        for i, (table, schema) in enumerate(SEGMENT_TABLES.items()):
+            files = rf.files[table]
+            if not files:
+                names[table] = None
                 continue
             merged = read_tables(files, schema)
-            target = self.layout.table_dir(self.run_id, table) / f"{COMPACT_PREFIX}{epoch_tag(upto)}.parquet"
+            name = compact_name(gen)
+            target = self.layout.table_dir(self.run_id, table) / name
             write_parquet_atomic(merged, target)
-            for f in files:
-                if f != target:
-                    f.unlink(missing_ok=True)
-        # Verify: the compacted epochs table must still list every committed epoch.
-        got = set(self.store._committed(self.run_id))
-        if got != committed:  # pragma: no cover - defensive
-            raise RuntimeError(f"compaction lost epochs: {sorted(committed - got)}")
+            if self.durable:
+                self._sync.add_file(target)
+            names[table] = name
+            if i == 0:
+                kill_point("compaction_written")
+        if self.durable:
+            self._sync.flush()  # the merged files are on disk before the manifest names them
+        manifest = {"generation": gen, "upto": upto, "epochs": rf.epochs, "files": names,
+                    "written_at": utcnow().isoformat()}
+        atomic_write_json(self.layout.manifest(self.run_id), manifest, durable=self.durable)
+        kill_point("compaction_published")
+        now = run_files(self.layout, self.run_id)
+        self._remove_stale(now)
+        if now.epochs != rf.epochs:  # pragma: no cover - defensive
+            raise RuntimeError(f"compaction lost epochs: {sorted(set(rf.epochs) - set(now.epochs))}")
+
+    def _remove_stale(self, rf: RunFiles) -> None:
+        """Delete what generation ``rf`` no longer names: old segments and merged files, temp files."""
+        if not rf.generation:
+            return
+        keep = {p.name for t in SEGMENT_TABLES for p in rf.files[t]}
+        for table in SEGMENT_TABLES:
+            d = self.layout.table_dir(self.run_id, table)
+            try:
+                names = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            for n in names:
+                if n in keep:
+                    continue
+                e = segment_epoch(Path(n))
+                stale = (
+                    (e is not None and e <= rf.upto)
+                    or n.startswith(COMPACT_PREFIX)
+                    or (n.startswith(".") and n.endswith(".tmp"))
+                )
+                if stale:
+                    (d / n).unlink(missing_ok=True)
 
 
 def _dt(ts: float) -> datetime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import CorruptStoreError, StoreError
 
 
 @dataclass
@@ -111,8 +112,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             opt_vars = [z[f"opt_{i:04d}"] for i in range(meta["n_optimizer"])]
     except FileNotFoundError:
         raise StoreError(f"Checkpoint {path} is missing") from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise StoreError(f"Checkpoint {path} is corrupt: {exc}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise CorruptStoreError(
+            f"Checkpoint {path} is corrupt ({type(exc).__name__}: {exc}); fork or resume from "
+            "another epoch (its other epochs are unaffected)"
+        ) from None
     return Checkpoint(
         model_config=meta["model_config"],
         model_vars=model_vars,

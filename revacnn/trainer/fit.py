@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..config import TrainConfig
-from ..errors import ConfigError, EpochNotFoundError, RevacnnError
+from ..errors import ConfigError, EpochNotFoundError, RevacnnError, RunBusyError
 from ..models import build_model, validate_model
 from ..storage import Run, RunWriter, Store, create_session, open_store
 from .checkpoint import (
@@ -313,13 +313,17 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     trained with `fit` on custom data needs the same data again: ``data=(train, validation)``.
     """
     run = store.run(run_id)
+    writer = RunWriter(store, run_id).acquire()  # one writer per run: RunBusyError while another lives
     status = run.status
-    if status == "running":
-        raise ConfigError(f"Run {run_id} is still running (its trainer is alive); nothing to resume")
-    if status == "finished":
+    if status in ("running", "finished"):
+        writer.release()
+        if status == "running":
+            raise RunBusyError(f"Run {run_id} is running: its trainer is alive; nothing to resume")
         raise ConfigError(f"Run {run_id} already finished all its epochs; fork it to train further")
     own = run.epochs()
     if not own:
+        if run.parent_run_id is None and TrainConfig.from_dict(run.config).dataset != "custom":
+            return _restart(store, run, writer, progress=progress)
         raise EpochNotFoundError(f"Run {run_id} has no committed epoch to resume from")
     last = own[-1]
     config = TrainConfig.from_dict(run.config)
@@ -327,8 +331,10 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     check_runtime(config, "resume")
     model, optimizer, state = _restore(run, last)
     tstate = TrainerState.from_dict(state["trainer"])
-    writer = RunWriter(store, run_id)
     writer.discard_after(last)
+    from ..steering.channel import requeue_discarded
+
+    requeue_discarded(store, run_id, last)  # commands of the discarded epochs apply again, at their batch
     writer.set_status("running", f"resumed from epoch {last}")
     images, labels = store.probes(run.session_id)
     tdata = _data_for(run, config, data)
@@ -341,6 +347,33 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     trainer.recorder._prev = _prev_from_model(trainer)
     trainer.run(start_epoch=last, epochs=config.epochs, record_start=False)
     return store.run(run_id)
+
+
+def _restart(store: Store, run: Run, writer: RunWriter, *, progress: bool) -> Run:
+    """Resume a root run killed before its epoch 0 was committed: train it again from its config.
+
+    A built-in run is a function of its config and seed, so this gives the run it would have been.
+    """
+    config = TrainConfig.from_dict(run.config)
+    _setup_determinism(config)
+    ds = load_data(config)
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config.model, ds.input_shape, ds.num_classes)
+    optimizer = _make_optimizer(config.optimizer, config.lr, config.momentum)
+    optimizer.build(model.trainable_variables)
+    writer.discard_after(-1)
+    from ..steering.channel import requeue_discarded
+
+    requeue_discarded(store, run.run_id, -1)
+    writer.set_status("running", "restarted: no epoch was committed")
+    images, labels = store.probes(run.session_id)
+    trainer = Trainer(
+        model=model, optimizer=optimizer, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
+        data=TrainData(ds.x_train, ds.y_train, ds.x_val, ds.y_val), probe_images=images,
+        probe_labels=labels, writer=writer, config=config, progress=progress,
+    )
+    trainer.run(start_epoch=0, epochs=config.epochs)
+    return store.run(run.run_id)
 
 
 def _prev_from_model(trainer: Trainer) -> dict[str, dict[int, np.ndarray]]:

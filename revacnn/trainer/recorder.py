@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -96,6 +97,10 @@ class Recorder:
         self._prev_acts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._queue: queue.Queue[Any] = queue.Queue()
         self.errors: list[str] = []
+        #: set when the store cannot be written (a full disk …): the trainer stops with `failed`
+        self.fatal: str | None = None
+        #: seconds each epoch's writes took (checkpoint, arrays, rows, commit), for benchmarks
+        self.write_s: list[float] = []
         self.committed: list[int] = []
         self.last_commit_at: float | None = None
         self._thread = threading.Thread(target=self._loop, name="revacnn-recorder", daemon=True)
@@ -134,16 +139,34 @@ class Recorder:
             kind, item = self._queue.get()
             if kind == "stop":
                 return
+            if kind == "epoch" and self.fatal:
+                continue  # the store cannot be written: the trainer stops at its next batch
             try:
                 if kind == "epoch":
                     self._write_epoch(item)
                 else:
                     fn, args = item
                     fn(*args)
+            except OSError as exc:
+                if kind == "epoch" and exc.errno in _FATAL_ERRNOS:
+                    self.fatal = self._fatal_message(item.epoch, exc)
+                    continue
+                msg = f"{kind} failed: {type(exc).__name__}: {exc}"
+                log.exception(msg)
+                self.errors.append(msg)
             except Exception as exc:  # never kill training
                 msg = f"{kind} failed: {type(exc).__name__}: {exc}"
                 log.exception(msg)
                 self.errors.append(msg)
+
+    def _fatal_message(self, epoch: int, exc: OSError) -> str:
+        run_id = self.writer.run_id
+        c = self.committed
+        kept = ("no epoch was committed" if not c else f"epoch {c[0]} is committed and intact"
+                if len(c) == 1 else f"epochs {c[0]}..{c[-1]} are committed and intact")
+        return (f"Cannot write epoch {epoch} of run {run_id} to the store: {exc.strerror or exc} "
+                f"({exc.filename or self.writer.layout.root}). Training stopped; {kept}. "
+                f"Free space, then `revacnn resume {run_id}`")
 
     def _write_epoch(self, snap: EpochSnapshot) -> None:
         from .. import analysis
@@ -298,6 +321,7 @@ class Recorder:
             "correct": (pred == snap.probe_labels).tolist(),
         }
         w = self.writer
+        t_write = time.perf_counter()
         if snap.checkpoint is not None:
             snap.checkpoint.state["tracker"] = self.tracker_state()
             snap.checkpoint.state["doctor"] = self.doctor_state()
@@ -308,6 +332,7 @@ class Recorder:
         w.write_rows("predictions", epoch, pred_rows)
         w.write_rows("diagnoses", epoch, diag_rows)
         w.commit(epoch, snap.metrics)
+        self.write_s.append(time.perf_counter() - t_write)
         self.committed.append(epoch)
         self.last_commit_at = time.time()
 
@@ -363,6 +388,9 @@ class Recorder:
             self.errors.append(f"diagnosis {L.name} epoch {epoch}: {exc}")
             return []
 
+
+#: write errors that mean the store cannot take the record: training stops as `failed`
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 _FILTER_COLS = (
     "layer",

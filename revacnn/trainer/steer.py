@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._faults import kill_point
 from ..errors import RevacnnError, SteeringError
 from ..steering.commands import OPS, Command
 
@@ -17,15 +18,19 @@ log = logging.getLogger("revacnn.steering")
 
 
 def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
-    """Apply every queued command to ``trainer`` and record an event for each (called between batches)."""
+    """Apply every queued command to ``trainer`` and record an event for each (called between batches).
+
+    A command leaves the queue only after its event is written (`CommandQueue.ack`).
+    """
     if not trainer.commands.pending():
         return
-    for cmd, cid, error in trainer.commands.pop():
+    for cmd, cid, error in trainer.commands.pop(epoch, batch):
         if cmd is None:
             trainer.writer.write_event(
                 event_id=cid, epoch=epoch, batch=batch, kind="malformed", args={}, status="rejected",
                 message=error or "malformed command",
             )
+            trainer.commands.ack(cid)
             continue
         try:
             message = apply(trainer, cmd)
@@ -35,10 +40,13 @@ def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
         except Exception as exc:  # a bug in an op must not kill training
             log.exception("steering op %s failed", cmd.op)
             status, message = "rejected", f"internal error: {type(exc).__name__}: {exc}"
+        kill_point("command_popped")
         trainer.writer.write_event(
             event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op, args=cmd.args, status=status,
             message=message, sent_at=cmd.sent_at,
         )
+        kill_point("event_written")
+        trainer.commands.ack(cid)
 
 
 def _layer_names(trainer: Trainer) -> list[str]:

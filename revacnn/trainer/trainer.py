@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from ..config import TrainConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreWriteError
 from ..models.graph import RecordedLayer, recorded_layers
 from ..storage import RunWriter, Store
 from .autofreeze import AutoFreezer
@@ -410,8 +410,13 @@ class Trainer:
                     )
                     break
             self.callbacks.on_train_end()
+            self.recorder.close()  # the last epochs' writes must have succeeded too
+            self._check_store()
         except KeyboardInterrupt:
             status, message = "stopped", "interrupted by the user (Ctrl-C)"
+            raise
+        except StoreWriteError as exc:
+            status, message = "failed", str(exc)
             raise
         except Exception as exc:
             status, message = "failed", f"{type(exc).__name__}: {exc}"
@@ -420,11 +425,15 @@ class Trainer:
             self.recorder.close()
             if self.recorder.errors and message is None:
                 message = "; ".join(self.recorder.errors[-3:])
+            if not self.recorder.fatal:  # a full disk would fail compaction too
+                try:
+                    self.writer.compact()
+                except Exception:
+                    log.exception("compaction failed")
             try:
-                self.writer.compact()
-            except Exception:
-                log.exception("compaction failed")
-            self.writer.set_status(status, message)
+                self.writer.set_status(status, message)
+            except OSError as exc:
+                log.error("status of %s not written: %s", self.run_id, exc)
         return status
 
     def _n_batches(self) -> int | None:
@@ -439,6 +448,11 @@ class Trainer:
                 yield (order[b * bs : (b + 1) * bs],)
         else:
             yield from src.epoch_batches(epoch)
+
+    def _check_store(self) -> None:
+        """Raise `StoreWriteError` once the recorder found the store unwritable (a full disk)."""
+        if self.recorder.fatal:
+            raise StoreWriteError(self.recorder.fatal)
 
     def _train_epoch(self, epoch: int) -> bool:
         nb = self._n_batches()
@@ -511,6 +525,7 @@ class Trainer:
         """Apply pending steering commands; while paused, wait here (still answering commands)."""
         from .steer import apply_pending
 
+        self._check_store()
         apply_pending(self, epoch, batch)
         while self.paused and not self.stop_requested:
             self.writer.heartbeat(paused=True)

@@ -79,7 +79,7 @@ def test_compaction_keeps_every_epoch(store):
     before = store.sql(f"SELECT * FROM filters WHERE run_id='{root}' ORDER BY epoch, filter")
     w.compact()
     files = sorted(p.name for p in store.layout.table_dir(root, "filters").iterdir())
-    assert files == ["compact-e00003.parquet"]
+    assert files == ["compact-g000001.parquet"]  # generation 1, named by tables/manifest.json
     after = store.sql(f"SELECT * FROM filters WHERE run_id='{root}' ORDER BY epoch, filter")
     assert before.equals(after)
     assert store.run(root).epochs() == [0, 1, 2, 3]
@@ -226,3 +226,197 @@ def test_every_example_query_answers(store):
         assert len(df) > 0, title
         if title in expected:
             assert expected[title](df), (title, df.to_string())
+
+
+def test_a_reader_never_sees_a_half_epoch_while_segments_are_compacted(store):
+    """A writer commits epochs and compacts after each; a reader polling SQL and the API in between
+    never sees an ``epochs`` row without its layers/filters rows, and never loses an epoch."""
+    import threading
+
+    _, root, _ = store.ids
+    w = RunWriter(store, root)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for e in range(4, 16):
+                _epoch(w, e)
+                w.compact()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    reader = revacnn.open_store(store.root, mode="r")
+    t = threading.Thread(target=write)
+    t.start()
+    reads, last_seen = 0, 0
+    while not done.is_set() or reads < 5:
+        df = reader.sql(
+            f"SELECT e.epoch, (SELECT count(*) FROM layers l WHERE l.run_id = e.run_id AND l.epoch = e.epoch) AS nl,"
+            f" (SELECT count(*) FROM filters f WHERE f.run_id = e.run_id AND f.epoch = e.epoch) AS nf "
+            f"FROM epochs e WHERE e.run_id = '{root}' ORDER BY e.epoch")
+        assert (df.nl == 1).all() and (df.nf == 3).all(), df  # no half epoch
+        epochs = df.epoch.tolist()
+        assert epochs == list(range(len(epochs))) and len(epochs) >= last_seen, (epochs, last_seen)
+        last_seen = len(epochs)
+        api = reader.run(root)
+        own = api.epochs()
+        assert own == list(range(len(own))) and len(own) >= last_seen
+        layers = api.table("layers")
+        assert set(layers.epoch) >= set(epochs)
+        reads += 1
+    t.join()
+    assert not errors, errors
+    assert reader.run(root).epochs() == list(range(16))
+    files = sorted(p.name for p in store.layout.table_dir(root, "layers").iterdir())
+    assert files == ["compact-g000012.parquet"], files  # old generations and segments removed
+
+
+def test_corrupt_files_get_one_clear_message_and_the_rest_stays_readable(store, capsys):
+    import warnings
+
+    from revacnn.cli import main
+    from revacnn.errors import CorruptStoreError, CorruptStoreWarning
+
+    _, root, fork = store.ids
+    # a truncated Parquet segment: SQL drops that epoch from every table, with one warning naming it
+    seg = store.layout.table_segment(root, "layers", 1)
+    seg.write_bytes(seg.read_bytes()[:20])
+    with pytest.warns(CorruptStoreWarning, match=r"layers/e00001\.parquet"):
+        df = store.sql(f"SELECT epoch FROM layers WHERE run_id = '{root}' ORDER BY epoch")
+    assert df.epoch.tolist() == [0, 2, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptStoreWarning)
+        assert store.sql(f"SELECT epoch FROM epochs WHERE run_id = '{root}' ORDER BY epoch").epoch.tolist() == [0, 2, 3]
+        assert store.sql(f"SELECT count(*) AS n FROM filters WHERE run_id = '{fork}'").n[0] == 9  # other runs whole
+    with pytest.raises(CorruptStoreError, match=r"layers/e00001\.parquet"):
+        store.run(root).table("layers")
+    assert main(["sql", "--store", str(store.root), f"SELECT count(*) AS n FROM epochs WHERE run_id = '{fork}'"]) == 0
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "e00001.parquet" in err[0], err
+    assert "3" in out.out
+
+    # a bad Zarr chunk: that array raises one clear error; the epoch's other arrays and epochs read
+    kernel_dir = store.layout.epoch_arrays(root, 2) / "conv1" / "kernel"
+    chunk = next(p for p in kernel_dir.rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(b"\x00garbage\xff" * 3)
+    rec = store.run(root).epoch(2)
+    with pytest.raises(CorruptStoreError, match="conv1/kernel of run .* epoch 2 is corrupt"):
+        rec.layer("conv1").kernel  # noqa: B018
+    assert rec.layer("conv1").bias.shape == (3,)
+    assert store.run(root).epoch(3).layer("conv1").kernel[0, 0, 0, 0] == 3.0
+
+    # a broken status.json: the API says so; listing reads the run as interrupted, with a warning
+    store.layout.status_json(fork).write_text("{oops")
+    with pytest.raises(CorruptStoreError, match="status file .* is corrupt"):
+        store.run(fork).status  # noqa: B018
+    with pytest.warns(CorruptStoreWarning, match="status file"):
+        runs = store.runs().set_index("run_id")
+    assert runs.status[fork] == "interrupted" and runs.status[root] == "finished"
+
+    # a broken run.json: that run is left out of listings (one warning line), the rest listed
+    store.layout.run_json(fork).write_text("nope")
+    with pytest.raises(CorruptStoreError, match="run.json"):
+        store.run(fork)
+    capsys.readouterr()
+    assert main(["runs", "--store", str(store.root)]) == 0
+    out = capsys.readouterr()
+    assert root in out.out and fork not in out.out
+    assert any("run.json" in ln for ln in out.err.strip().splitlines()), out.err
+
+
+def test_liveness_same_host_goes_by_pid_other_hosts_by_heartbeat(store):
+    import json
+    import os
+    import time
+
+    from revacnn.storage.lease import HOST, owner_alive
+
+    _, root, _ = store.ids
+    path = store.layout.status_json(root)
+    info = json.loads(path.read_text())
+    old = time.time() - 3600
+    # this very process, an hour without a heartbeat: still running (same host, pid alive)
+    path.write_text(json.dumps({**info, "status": "running", "pid": os.getpid(), "host": HOST, "heartbeat_at": old}))
+    assert store.run(root).status == "running"
+    # the same pid on another boot of this host (a reboot): gone
+    path.write_text(json.dumps({**info, "status": "running", "pid": os.getpid(), "host": HOST,
+                                "boot_id": "another-boot", "heartbeat_at": time.time()}))
+    assert store.run(root).status == "interrupted"
+    # another host: the heartbeat decides
+    other = {"status": "running", "pid": 1, "host": HOST + "-elsewhere"}
+    assert owner_alive({**other, "heartbeat_at": time.time()}, 30.0)
+    assert not owner_alive({**other, "heartbeat_at": old}, 30.0)
+    path.write_text(json.dumps({**info, **other, "heartbeat_at": old}))
+    assert store.run(root).status == "interrupted"
+
+
+def test_one_writer_per_run(store):
+    from revacnn.errors import RunBusyError
+
+    sid, _, _ = store.ids
+    w = RunWriter.create(store, session_id=sid, config={}, name="live")
+    with pytest.raises(RunBusyError, match="is running: another process") as info:
+        RunWriter(store, w.run_id).acquire()
+    assert isinstance(info.value, BlockingIOError) and "pid" in str(info.value)
+    w.set_status("stopped")  # a terminal status frees the lease
+    RunWriter(store, w.run_id).acquire().release()
+
+
+def test_commands_leave_the_queue_only_after_their_event(store):
+    from revacnn.steering import parse
+    from revacnn.steering.channel import CommandQueue, requeue_discarded
+
+    sid, _, _ = store.ids
+    w = RunWriter.create(store, session_id=sid, config={}, name="steered")
+    from revacnn.steering import send
+
+    cmd = send(store, w.run_id, parse("freeze", ["conv1"]))
+    q = CommandQueue(store, w.run_id)
+    (got, cid, err), = q.pop(1, 0)
+    assert got.command_id == cmd.command_id and err is None
+    # a crash here (popped, no event): the command is still queued for the next trainer
+    q2 = CommandQueue(store, w.run_id)
+    assert [c for c, _, _ in q2.pop(1, 0)] == [got]
+    # the event written, then a crash before the move: the next trainer moves it without applying it
+    w.write_event(event_id=cid, epoch=1, batch=0, kind=got.op, args=got.args, status="applied", message="ok")
+    assert CommandQueue(store, w.run_id).pop(1, 0) == []
+    assert q.pending() == [] and len(list(q.done.iterdir())) == 1
+    # a resume from epoch 0 discards epoch 1: the command goes back, due at the same batch, once
+    assert requeue_discarded(store, w.run_id, 0) == [cid]
+    assert store.run(w.run_id).events().empty
+    assert CommandQueue(store, w.run_id).pop(0, 5) == []  # not due before epoch 1 batch 0
+    (again, _, _), = CommandQueue(store, w.run_id).pop(1, 0)
+    assert again.command_id == cid and again.apply_at == (1, 0)
+    w.set_status("finished")
+
+
+def test_a_compaction_between_listing_and_reading_never_shows_a_half_epoch(store, monkeypatch):
+    """The worst interleaving, made deterministic: SQL has listed a run's files and starts reading
+    them when the writer compacts the run (merges, switches, removes the old segments)."""
+    from revacnn.storage import sql as sql_mod
+
+    _, root, _ = store.ids
+    w = RunWriter(store, root)
+    _epoch(w, 4)
+    reader = revacnn.open_store(store.root, mode="r")
+    real = sql_mod._FileCache.read
+    fired = []
+
+    def read(self, path, schema):
+        if not fired and root in str(path):
+            fired.append(path)
+            w.compact()  # between the listing and this read
+        return real(self, path, schema)
+
+    monkeypatch.setattr(sql_mod._FileCache, "read", read)
+    df = reader.sql(
+        f"SELECT e.epoch, (SELECT count(*) FROM layers l WHERE l.run_id = e.run_id AND l.epoch = e.epoch) AS nl,"
+        f" (SELECT count(*) FROM filters f WHERE f.run_id = e.run_id AND f.epoch = e.epoch) AS nf "
+        f"FROM epochs e WHERE e.run_id = '{root}' ORDER BY e.epoch")
+    assert fired, "the hook did not run"
+    assert df.epoch.tolist() == [0, 1, 2, 3, 4]  # no committed epoch lost
+    assert (df.nl == 1).all() and (df.nf == 3).all(), df  # no half epoch
