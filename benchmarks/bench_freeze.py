@@ -67,7 +67,7 @@ def command_latency(store, n_commands: int = 12) -> dict:
                          probe_labels=ds.y_val[pidx], probe_indices=pidx, class_names=ds.class_names, config={})
     writer = RunWriter.create(store, session_id=sid, config=cfg.to_dict(), name="latency")
     trainer = Trainer(model=model, optimizer=opt, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
-                      data=TrainData(ds.x_train, ds.y_train, ds.x_val, ds.y_val), probe_images=ds.x_val[pidx],
+                      data=TrainData.arrays(ds.x_train, ds.y_train, ds.x_val, ds.y_val), probe_images=ds.x_val[pidx],
                       probe_labels=ds.y_val[pidx], writer=writer, config=cfg, progress=False)
     sent: dict[str, tuple[int, int]] = {}
 

@@ -84,8 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``revacnn`` argument parser; every option's help says what it does and its default."""
     # Literal choices: importing revacnn.models would import TensorFlow for every command.
     DATASETS = ("shapes", "cifar10", "mnist", "fashion_mnist")
-    MODELS = ("convnetjs", "revacnn")
+    MODELS = ("convnetjs", "revacnn", "resnet20")
     FORMATS = ["table", "csv", "json"]
+
+    def _model_name(text: str) -> str:
+        if text in MODELS or (":" in text and all(part.strip() for part in text.split(":", 1))):
+            return text
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(MODELS)}, or MODULE:FUNCTION naming a function "
+            "that returns your Keras model)"
+        )
 
     p = _Parser(prog="revacnn", description="Record, replay and steer CNN training.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -97,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", default=None, metavar="DIR",
                    help="a local copy of the dataset, e.g. cifar-10-batches-py or its .tar.gz "
                         "(default: the Keras download cache)")
-    t.add_argument("--model", default="convnetjs", choices=sorted(MODELS),
-                   help="the built-in model (default: %(default)s)")
+    t.add_argument("--model", default="convnetjs", type=_model_name,
+                   metavar="{" + ",".join(MODELS) + ",MODULE:FUNCTION}",
+                   help="a built-in model, or MODULE:FUNCTION naming your own factory, called as "
+                        "FUNCTION(input_shape, num_classes) or with no arguments (default: %(default)s)")
     t.add_argument("--epochs", type=_non_negative, default=10, metavar="N",
                    help="epochs to train; epoch 0, the initial state, is recorded too (default: %(default)s)")
     t.add_argument("--batch-size", type=_count, default=64, metavar="B",

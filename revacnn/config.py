@@ -22,7 +22,7 @@ class TrainConfig:
 
     dataset: str = "shapes"  # shapes (offline, generated) | cifar10 | mnist | fashion_mnist | custom
     data_dir: str | None = None  # local copy of a dataset (cifar10: cifar-10-batches-py or the .tar.gz)
-    model: str = "convnetjs"  # convnetjs (fast default) | revacnn | custom (a user's Keras model)
+    model: str = "convnetjs"  # convnetjs (fast default) | revacnn | resnet20 | MODULE:FUNCTION | custom
     epochs: int = 10  # total epochs of the run's history (a fork continues up to this epoch)
     batch_size: int = 64  # examples per gradient step
     lr: float = 1e-3  # learning rate (steerable while running)
@@ -39,6 +39,7 @@ class TrainConfig:
     live_every_s: float = 1.0  # period of the live snapshot for the live app (0 disables it)
     auto_freeze: bool = False  # freeze converged conv layers bottom-up, as events (docs/diagnoses.md)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, e.g. what a fork changed
+    runtime: dict[str, Any] = field(default_factory=dict)  # threads and oneDNN setting it ran under
 
     def validate(self) -> TrainConfig:
         """Check every value; raise `ConfigError` naming the first bad one."""

@@ -1,7 +1,20 @@
-"""Built-in CNNs (convnetjs, revacnn) and the check that a user's Keras model is one we can record."""
+"""Built-in CNNs (convnetjs, revacnn, resnet20), a model's recorded layers and probe, and the model check."""
 
 from __future__ import annotations
 
-from .zoo import MODELS, SUPPORTED_LAYERS, build_model, conv_layers, validate_model, weighted_layers
+from .graph import GraphProbe, RecordedLayer, find_layer, recorded_layers, validate_model
+from .zoo import MODELS, SUPPORTED_LAYERS, build_model, conv_layers, resnet20, weighted_layers
 
-__all__ = ["MODELS", "SUPPORTED_LAYERS", "build_model", "conv_layers", "validate_model", "weighted_layers"]
+__all__ = [
+    "MODELS",
+    "SUPPORTED_LAYERS",
+    "GraphProbe",
+    "RecordedLayer",
+    "build_model",
+    "conv_layers",
+    "find_layer",
+    "recorded_layers",
+    "resnet20",
+    "validate_model",
+    "weighted_layers",
+]

@@ -234,7 +234,7 @@ class Store:
         return Run(self, run_id)
 
     def probes(self, session_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """The session's probe images ``(P, H, W, C)`` uint8 and their labels ``(P,)``."""
+        """The session's probe images ``(P, H, W, C)`` as the model sees them (dtype as given) and labels ``(P,)``."""
         path = self.layout.probes_zarr(session_id)
         if not path.exists():
             raise RunNotFoundError(f"No session {session_id!r} in {self.root}")

@@ -57,7 +57,8 @@ def create_session(
     sid = new_id("session")
     layout = store.layout
     g = zarr.open_group(str(layout.probes_zarr(sid)), mode="w")
-    g.create_array("images", data=np.asarray(probe_images, dtype=np.uint8), compressors=_INT_CODEC)
+    images = np.asarray(probe_images)  # as the model sees them: any numeric dtype
+    g.create_array("images", data=images, compressors=_FLOAT_CODEC if images.dtype.kind == "f" else _INT_CODEC)
     g.create_array("labels", data=np.asarray(probe_labels, dtype=np.int64))
     atomic_write_json(
         layout.session_json(sid),

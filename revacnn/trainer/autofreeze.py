@@ -25,11 +25,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from ..analysis.doctor import LayerArrays, converged_layer, relative_change
-from ..models import weighted_layers
 from ..steering.commands import Command
 
 if TYPE_CHECKING:
@@ -47,9 +45,9 @@ class AutoFreezer:
     def _current(self, trainer: Trainer) -> dict[str, tuple[list[int], np.ndarray, np.ndarray]]:
         acts, _ = trainer.probe()
         out = {}
-        convs = [la for la in weighted_layers(trainer.model) if isinstance(la, keras.layers.Conv2D)]
-        for layer, a in zip(convs, acts, strict=False):
-            out[layer.name] = (list(trainer.state.uids[layer.name]), layer.kernel.numpy(), np.asarray(a))
+        convs = [r for r in trainer.recs if r.kind == "conv"]  # the probe's order, nested names included
+        for r, a in zip(convs, acts, strict=False):
+            out[r.name] = (list(trainer.state.uids[r.name]), r.kernel(), np.asarray(a))
         return out
 
     def prime(self, trainer: Trainer) -> None:

@@ -25,6 +25,8 @@ class Checkpoint:
         optimizer_config: ``keras.optimizers.serialize(optimizer)``.
         optimizer_vars: values of ``optimizer.variables`` in order (iterations, slots …).
         state: the trainer's own state (epoch, filter uids, frozen sets, lr, timing …).
+        compile_config: ``model.get_compile_config()`` without the optimizer (the loss, metrics,
+            loss weights …), so that a restored model trains with the loss it was compiled with.
     """
 
     model_config: dict[str, Any]
@@ -33,6 +35,7 @@ class Checkpoint:
     optimizer_config: dict[str, Any]
     optimizer_vars: list[np.ndarray]
     state: dict[str, Any] = field(default_factory=dict)
+    compile_config: dict[str, Any] = field(default_factory=dict)
 
 
 def capture(model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict[str, Any]) -> Checkpoint:
@@ -44,7 +47,29 @@ def capture(model: keras.Model, optimizer: keras.optimizers.Optimizer, state: di
         optimizer_config=keras.optimizers.serialize(optimizer),
         optimizer_vars=[np.array(v.numpy()) for v in optimizer.variables],
         state=json.loads(json.dumps(state, default=_jsonable)),
+        compile_config=compile_config_of(model),
     )
+
+
+def compile_config_of(model: keras.Model) -> dict[str, Any]:
+    """The model's serialized compile arguments without the optimizer ({} when not compiled)."""
+    try:
+        cc = model.get_compile_config() if getattr(model, "compiled", False) else {}
+        cc = {k: v for k, v in (cc or {}).items() if k != "optimizer"}
+        return json.loads(json.dumps(cc, default=_jsonable))
+    except Exception:  # an unserialisable custom loss: the restored model falls back to the default
+        import logging
+
+        logging.getLogger("revacnn").warning("the model's compile config cannot be saved", exc_info=True)
+        return {}
+
+
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, compile_config: dict[str, Any]) -> None:
+    """Compile ``model`` with ``optimizer`` and a saved compile config (default: sparse cross-entropy)."""
+    cfg = keras.saving.deserialize_keras_object(dict(compile_config)) if compile_config else {}
+    if cfg.get("loss") is None:
+        cfg["loss"] = keras.losses.SparseCategoricalCrossentropy()
+    model.compile(optimizer=optimizer, **cfg)
 
 
 def _jsonable(o: Any) -> Any:
@@ -64,6 +89,7 @@ def to_arrays(ckpt: Checkpoint) -> dict[str, np.ndarray]:
         "n_model": len(ckpt.model_vars),
         "n_optimizer": len(ckpt.optimizer_vars),
         "state": ckpt.state,
+        "compile_config": ckpt.compile_config,
     }
     out: dict[str, np.ndarray] = {"__meta__": np.array(json.dumps(meta, default=_jsonable))}
     for i, v in enumerate(ckpt.model_vars):
@@ -98,13 +124,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         optimizer_config=meta["optimizer_config"],
         optimizer_vars=opt_vars,
         state=meta["state"],
+        compile_config=meta.get("compile_config", {}),
     )
 
 
-def model_from_checkpoint(ckpt: Checkpoint) -> keras.Model:
-    """Rebuild the model of a checkpoint and load its variables (checked by count and shape)."""
+def model_from_checkpoint(ckpt: Checkpoint, *, compiled: bool = True) -> keras.Model:
+    """Rebuild the model of a checkpoint and load its variables (checked by count and shape).
+
+    With ``compiled``, the model is compiled as it trained: its optimizer (state included) and the
+    saved loss and metrics.
+    """
     model = keras.saving.deserialize_keras_object(ckpt.model_config)
     assign_model(model, ckpt)
+    if compiled:
+        compile_model(model, optimizer_from_checkpoint(ckpt, model), ckpt.compile_config)
     return model
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,10 +18,12 @@ from ..models import build_model, validate_model
 from ..storage import Run, RunWriter, Store, create_session, open_store
 from .checkpoint import (
     assign_model,
+    compile_model,
     load_checkpoint,
     model_from_checkpoint,
     optimizer_from_checkpoint,
 )
+from .sources import ArraySource, class_indices
 from .trainer import TrainData, Trainer, TrainerState
 
 log = logging.getLogger("revacnn")
@@ -34,6 +38,45 @@ def _setup_determinism(config: TrainConfig) -> None:
         _DETERMINISM_ON = True
 
 
+def runtime_settings() -> dict[str, Any]:
+    """The settings bit-exact replay depends on: TF thread pools and the oneDNN switch.
+
+    Example:
+        >>> sorted(runtime_settings())
+        ['cpu_count', 'inter_op_threads', 'intra_op_threads', 'onednn', 'tensorflow']
+    """
+    return {
+        "intra_op_threads": int(tf.config.threading.get_intra_op_parallelism_threads()),
+        "inter_op_threads": int(tf.config.threading.get_inter_op_parallelism_threads()),
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        "cpu_count": int(os.cpu_count() or 0),
+        "tensorflow": tf.__version__,
+    }
+
+
+def check_runtime(config: TrainConfig, what: str) -> str | None:
+    """Compare the run's recorded runtime settings with this process's; warn when they differ.
+
+    Returns:
+        The warning printed (and logged), or None when the settings match.
+    """
+    then = dict(config.runtime or {})
+    now = runtime_settings()
+    if not then:
+        return None
+    diff = {k: (then.get(k), now[k]) for k in now if then.get(k) != now[k]}
+    if not diff:
+        return None
+    msg = (
+        f"revacnn: this {what} runs under different settings than the run it continues "
+        + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        + "; bit-exact replay is not promised"
+    )
+    log.warning(msg)
+    print(msg, file=sys.stderr)
+    return msg
+
+
 def _make_optimizer(name: str, lr: float, momentum: float) -> keras.optimizers.Optimizer:
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
@@ -42,78 +85,95 @@ def _make_optimizer(name: str, lr: float, momentum: float) -> keras.optimizers.O
     raise ConfigError(f"Received: optimizer={name!r} (expected adam or sgd)")
 
 
-def _loss_fn(model: keras.Model) -> Any:
-    loss = getattr(model, "loss", None) if getattr(model, "compiled", False) else None
-    if loss is None:
-        return keras.losses.SparseCategoricalCrossentropy()
-    fn = keras.losses.get(loss) if isinstance(loss, (str, dict)) else loss
-    if not isinstance(fn, keras.losses.Loss):  # a per-example function: reduce to the batch mean
-        from keras.src.losses.losses import LossFunctionWrapper
-
-        fn = LossFunctionWrapper(fn)
-    return fn
-
-
-def _as_labels(y: np.ndarray) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] > 1:
-        y = y.argmax(axis=1)
-    return y.reshape(-1).astype(np.int64)
-
-
-def _as_images(x: np.ndarray, what: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise ConfigError(f"Received: {what} with shape {x.shape} (expected (N, H, W, C) images)")
-    if x.dtype != np.uint8:
-        if x.size and float(np.nanmax(x)) <= 1.0 + 1e-6:
-            x = np.clip(np.round(x * 255.0), 0, 255)
-        x = np.clip(x, 0, 255).astype(np.uint8)
-    return x
-
-
 def _select_probes(y_val: np.ndarray, n: int, seed: int) -> np.ndarray:
     from ..data import select_probes
 
     return select_probes(y_val, min(n, len(y_val)), seed=seed)
 
 
+#: how many validation examples a dataset is read for, to choose probes from
+PROBE_POOL = 2000
+
+
+def _probes(data: TrainData, probes: Any, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels as given, indices into the pool) of the session's probes."""
+    if isinstance(probes, (tuple, list)) and len(probes) == 2:
+        px, py = np.asarray(probes[0]), np.asarray(probes[1])
+        if len(px) != len(py) or len(px) == 0:
+            raise ConfigError(f"Received: probes with {len(px)} images and {len(py)} labels "
+                              "(expected the same number, at least one)")
+        return px, py, np.arange(len(px))
+    if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or probes < 1:
+        raise ConfigError(f"Received: probes={probes!r} (expected an integer >= 1 or an (x, y) pair)")
+    src = data.val if data.val is not None else data.train
+    if not isinstance(src, ArraySource) and data.val is None:
+        raise ConfigError(
+            f"Received: {src.kind} training data without validation_data (probes come from validation "
+            "data: pass validation_data, or probes=(x, y))"
+        )
+    x, y = src.sample(PROBE_POOL) if not isinstance(src, ArraySource) else (src.x, src.y)
+    pidx = _select_probes(class_indices(y), int(probes), seed)
+    return x[pidx], y[pidx], pidx
+
+
+def _one_hot(data: TrainData) -> bool:
+    src = data.train
+    if isinstance(src, ArraySource):
+        return src.y.ndim == 2 and src.y.shape[1] > 1
+    spec = getattr(getattr(src, "ds", None), "element_spec", None)
+    if isinstance(spec, tuple) and len(spec) > 1 and hasattr(spec[1], "shape"):
+        shape = spec[1].shape
+        return shape.rank == 2 and (shape[-1] or 0) > 1
+    return False
+
+
+def _default_loss(data: TrainData) -> keras.losses.Loss:
+    """Cross-entropy for an uncompiled model: sparse for integer labels, categorical for one-hot."""
+    if _one_hot(data):
+        return keras.losses.CategoricalCrossentropy()
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
 def fit(
     model: keras.Model,
-    data: tuple[np.ndarray, np.ndarray],
-    validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+    data: Any,
+    validation_data: Any = None,
     *,
     epochs: int = 5,
     batch_size: int = 64,
     store: Store | str | None = None,
-    probes: int = 16,
+    probes: int | tuple[Any, Any] = 16,
     name: str | None = None,
     seed: int = 0,
     lr: float = 1e-3,
     class_names: Sequence[str] | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] | None = None,
     progress: bool = True,
     embeddings: bool = True,
     deterministic: bool = True,
     auto_freeze: bool = False,
 ) -> Run:
-    """Train a Keras model and record every epoch (epoch 0 = initialisation) into a store.
+    """Train a Keras model as compiled and record every epoch (epoch 0 = initialisation) into a store.
 
     Args:
-        model: a built Keras model made of Conv2D, Dense, pooling, BatchNormalization, Dropout,
-            Activation and Flatten layers. A compiled model trains with its own optimizer and loss,
-            an uncompiled one with Adam(``lr``) and sparse categorical cross-entropy.
-        data: ``(x, y)``: images ``(N, H, W, C)`` (uint8 0..255, or floats in 0..1) and integer labels.
-        validation_data: ``(x_val, y_val)``; probes come from it (from ``data`` when absent).
+        model: a built Keras 3 Sequential or functional model (nested models included). A compiled
+            model trains with its own optimizer (schedules included), loss and metrics; an
+            uncompiled one with Adam(``lr``) and sparse categorical cross-entropy (categorical for
+            one-hot labels).
+        data: ``(x, y)`` arrays of any numeric dtype, fed exactly as given (labels integers or
+            one-hot), or a ``tf.data.Dataset`` / ``keras.utils.PyDataset`` of ``(x, y)`` batches.
+        validation_data: the same kinds; probes come from it (from ``data`` arrays when absent).
         epochs: epochs to train after epoch 0.
-        batch_size: examples per step.
+        batch_size: examples per step (arrays only: datasets are batched already).
         store: a `Store` or a path (default ``$REVACNN_STORE`` or ``./store``).
-        probes: how many probe images to record every epoch.
+        probes: how many probe images to record every epoch, or an ``(x, y)`` pair of them.
         name: the run's name.
-        seed: seeds the data order, dropout and probe choice.
+        seed: seeds the data order of arrays and the probe choice (seed the model's own
+            randomness, e.g. Dropout, with ``keras.utils.set_random_seed`` before building it).
         lr: learning rate of the default optimizer.
         class_names: names of the classes, for the app.
+        callbacks: Keras callbacks, called as ``model.fit`` calls them (EarlyStopping,
+            ReduceLROnPlateau, ModelCheckpoint, CSVLogger, TensorBoard …).
         progress: show a progress bar.
         embeddings: compute t-SNE embeddings of the filters.
         deterministic: enable TF op determinism (exact replays of forks and resumes).
@@ -126,39 +186,40 @@ def fit(
         >>> run = revacnn.fit(model, (x, y), validation_data=(xv, yv), epochs=3, store="store")
         >>> run.epoch(3).layer("conv1").kernel.shape
     """
-    if not isinstance(epochs, int) or epochs < 0:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"Received: epochs={epochs!r} (expected an integer >= 0)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"Received: batch_size={batch_size!r} (expected an integer >= 1)")
     validate_model(model)
     st = store if isinstance(store, Store) else open_store(store)
-    x, y = _as_images(data[0], "x"), _as_labels(data[1])
-    if validation_data is not None:
-        xv, yv = _as_images(validation_data[0], "x_val"), _as_labels(validation_data[1])
-    else:
-        xv, yv = x[:0], y[:0]
-    if len(x) != len(y):
-        raise ConfigError(f"Received: {len(x)} images and {len(y)} labels (expected the same number)")
+    tdata = TrainData.of(data, validation_data)
     compiled = bool(getattr(model, "compiled", False)) and getattr(model, "optimizer", None) is not None
     optimizer = model.optimizer if compiled else keras.optimizers.Adam(learning_rate=lr)
+    n_train = len(tdata.train) if isinstance(tdata.train, ArraySource) else None
+    n_val = len(tdata.val) if isinstance(tdata.val, ArraySource) else None
     cfg = TrainConfig(
         dataset="custom", model="custom", epochs=epochs, batch_size=batch_size,
         lr=float(np.asarray(optimizer.learning_rate)), optimizer=type(optimizer).__name__.lower(),
-        train_size=len(x), val_size=len(xv), probes=probes, seed=seed, name=name,
-        embeddings=embeddings, deterministic=deterministic, auto_freeze=bool(auto_freeze),
+        train_size=n_train, val_size=n_val, probes=probes if isinstance(probes, int) else len(probes[1]),
+        seed=seed, name=name, embeddings=embeddings, deterministic=deterministic,
+        auto_freeze=bool(auto_freeze), runtime=runtime_settings(),
+        extra={"data": tdata.train.kind, "validation_data": tdata.val.kind if tdata.val else None},
     )
     _setup_determinism(cfg)
-    src_x, src_y = (xv, yv) if len(yv) else (x, y)
-    pidx = _select_probes(src_y, probes, seed)
+    px, py, pidx = _probes(tdata, probes, seed)
     n_classes = int(model.output_shape[-1])
-    names = list(class_names) if class_names else [str(i) for i in range(n_classes)]
+    names = list(class_names) if class_names else [str(i) for i in range(max(n_classes, 2))]
     sid = create_session(
-        st, dataset="custom", model=model.name, probe_images=src_x[pidx], probe_labels=src_y[pidx],
+        st, dataset="custom", model=model.name, probe_images=px, probe_labels=class_indices(py),
         probe_indices=pidx, class_names=names, config=cfg.to_dict(),
     )
+    if not compiled:
+        model.compile(optimizer=optimizer, loss=_default_loss(tdata))
     optimizer.build(model.trainable_variables)
     writer = RunWriter.create(st, session_id=sid, config=cfg.to_dict(), name=name)
     trainer = Trainer(
-        model=model, optimizer=optimizer, loss_fn=_loss_fn(model), data=TrainData(x, y, xv, yv),
-        probe_images=src_x[pidx], probe_labels=src_y[pidx], writer=writer, config=cfg, progress=progress,
+        model=model, optimizer=optimizer, data=tdata, probe_images=px, probe_labels=class_indices(py),
+        writer=writer, config=cfg, progress=progress, callbacks=callbacks,
     )
     trainer.run(start_epoch=0, epochs=epochs)
     return st.run(writer.run_id)
@@ -186,7 +247,13 @@ def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start:
     ds = load_data(config)
     keras.utils.set_random_seed(config.seed)
     model = build_model(config.model, ds.input_shape, ds.num_classes)
-    optimizer = _make_optimizer(config.optimizer, config.lr, config.momentum)
+    validate_model(model)
+    config.runtime = runtime_settings()
+    if getattr(model, "compiled", False) and getattr(model, "optimizer", None) is not None:
+        optimizer = model.optimizer  # a user's factory may compile its model
+    else:
+        optimizer = _make_optimizer(config.optimizer, config.lr, config.momentum)
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
     optimizer.build(model.trainable_variables)
     pidx = _select_probes(ds.y_val, config.probes, config.seed)
     sid = create_session(
@@ -198,37 +265,53 @@ def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start:
     if on_start is not None:
         on_start(writer.run_id)
     trainer = Trainer(
-        model=model, optimizer=optimizer, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
-        data=TrainData(ds.x_train, ds.y_train, ds.x_val, ds.y_val), probe_images=ds.x_val[pidx],
-        probe_labels=ds.y_val[pidx], writer=writer, config=config, progress=progress,
+        model=model, optimizer=optimizer, data=TrainData.arrays(ds.x_train, ds.y_train, ds.x_val, ds.y_val),
+        probe_images=ds.x_val[pidx], probe_labels=ds.y_val[pidx], writer=writer, config=config,
+        progress=progress,
     )
     trainer.run(start_epoch=0, epochs=config.epochs)
     return store.run(writer.run_id)
 
 
 def _restore(run: Run, epoch: int) -> tuple[keras.Model, keras.optimizers.Optimizer, dict[str, Any]]:
+    """The model of ``run``'s epoch, compiled as it trained (optimizer state, loss, metrics)."""
     ckpt = load_checkpoint(run.checkpoint_path(epoch))
-    model = model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt, compiled=False)
     optimizer = optimizer_from_checkpoint(ckpt, model)
     assign_model(model, ckpt)
+    compile_model(model, optimizer, ckpt.compile_config)
     return model, optimizer, ckpt.state
 
 
 def _data_for(run: Run, config: TrainConfig, data: Any) -> TrainData:
     if data is not None:
-        (x, y), (xv, yv) = data
-        return TrainData(_as_images(x, "x"), _as_labels(y), _as_images(xv, "x_val"), _as_labels(yv))
+        if isinstance(data, TrainData):
+            return data
+        train, val = data
+        return TrainData.of(train, val)
     if config.dataset == "custom":
         raise ConfigError(
             f"Run {run.run_id} was trained on custom data with revacnn.fit; pass the same data: "
-            "resume(store, run_id, data=((x, y), (x_val, y_val)))"
+            "resume(store, run_id, data=((x, y), (x_val, y_val))) or data=(train_ds, val_ds)"
         )
     ds = load_data(config)
-    return TrainData(ds.x_train, ds.y_train, ds.x_val, ds.y_val)
+    return TrainData.arrays(ds.x_train, ds.y_train, ds.x_val, ds.y_val)
 
 
-def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None) -> Run:
-    """Continue an interrupted run from its last committed epoch (what ``revacnn resume`` does)."""
+def _skip_to(data: TrainData, epoch: int) -> None:
+    """Advance a dataset's iteration count so that the next epoch is its ``epoch + 1``-th (exact replay)."""
+    skip = getattr(data.train, "skip_to", None)
+    if skip is not None:
+        skip(epoch + 1)
+
+
+def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None,
+           callbacks: Sequence[keras.callbacks.Callback] | None = None) -> Run:
+    """Continue an interrupted run from its last committed epoch (what ``revacnn resume`` does).
+
+    The model continues as it was compiled (optimizer state and schedule, loss, metrics). A run
+    trained with `fit` on custom data needs the same data again: ``data=(train, validation)``.
+    """
     run = store.run(run_id)
     writer = RunWriter(store, run_id).acquire()  # one writer per run: RunBusyError while another lives
     status = run.status
@@ -245,6 +328,7 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     last = own[-1]
     config = TrainConfig.from_dict(run.config)
     _setup_determinism(config)
+    check_runtime(config, "resume")
     model, optimizer, state = _restore(run, last)
     tstate = TrainerState.from_dict(state["trainer"])
     writer.discard_after(last)
@@ -253,11 +337,12 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     requeue_discarded(store, run_id, last)  # commands of the discarded epochs apply again, at their batch
     writer.set_status("running", f"resumed from epoch {last}")
     images, labels = store.probes(run.session_id)
+    tdata = _data_for(run, config, data)
+    _skip_to(tdata, last)
     trainer = Trainer(
-        model=model, optimizer=optimizer, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
-        data=_data_for(run, config, data), probe_images=images, probe_labels=labels, writer=writer,
-        config=config, state=tstate, tracker_state=state.get("tracker"),
-            doctor_state=state.get("doctor"), progress=progress,
+        model=model, optimizer=optimizer, data=tdata, probe_images=images, probe_labels=labels, writer=writer,
+        config=config, state=tstate, tracker_state=state.get("tracker"), doctor_state=state.get("doctor"),
+        progress=progress, callbacks=callbacks,
     )
     trainer.recorder._prev = _prev_from_model(trainer)
     trainer.run(start_epoch=last, epochs=config.epochs, record_start=False)
@@ -292,16 +377,15 @@ def _restart(store: Store, run: Run, writer: RunWriter, *, progress: bool) -> Ru
 
 
 def _prev_from_model(trainer: Trainer) -> dict[str, dict[int, np.ndarray]]:
-    from ..models import weighted_layers
-
     prev: dict[str, dict[int, np.ndarray]] = {}
-    for layer in weighted_layers(trainer.model):
-        k = layer.kernel.numpy()
+    for r in trainer.recs:
+        k = r.kernel()
         F = k.shape[-1]
         flat = np.moveaxis(k, -1, 0).reshape(F, -1) if k.ndim == 4 else k.T
-        if layer.bias is not None:
-            flat = np.concatenate([flat, layer.bias.numpy()[:, None]], axis=1)
-        prev[layer.name] = {u: flat[i].astype(np.float64) for i, u in enumerate(trainer.state.uids[layer.name])}
+        b = r.bias()
+        if b is not None:
+            flat = np.concatenate([flat, b[:, None]], axis=1)
+        prev[r.name] = {u: flat[i].astype(np.float64) for i, u in enumerate(trainer.state.uids[r.name])}
     return prev
 
 
@@ -317,6 +401,8 @@ def fork(
     progress: bool = True,
     data: Any = None,
     on_start: Any = None,
+    callbacks: Sequence[keras.callbacks.Callback] | None = None,
+    batch_size: int | None = None,
     auto_freeze: bool | None = None,
 ) -> Run:
     """Branch a new run from ``run_id``'s recorded ``epoch`` with ``changes`` applied at that point.
@@ -329,6 +415,10 @@ def fork(
         epochs: the total epochs of the fork's history (default: the parent's).
         lr: a new learning rate from the fork point on.
         name: the fork's name.
+        data: for runs on custom data (`fit`, `RevacnnCallback`): ``(train, validation)``, each
+            ``(x, y)`` arrays, a tf.data.Dataset or a PyDataset.
+        callbacks: Keras callbacks for the fork's training.
+        batch_size: a new batch size for array data (default: the parent's).
         auto_freeze: freeze converged layers bottom-up from the fork point on (default: as the parent).
 
     Returns:
@@ -351,15 +441,23 @@ def fork(
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"Received: lr={lr!r} (expected a number > 0)")
         config.lr = float(lr)
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"Received: batch_size={batch_size!r} (expected an integer >= 1)")
+        config.batch_size = batch_size
     config.name = name
     if auto_freeze is not None:
         config.auto_freeze = bool(auto_freeze)
-    config.extra = {"fork_changes": [c.to_json() for c in changes]}
+    config.extra = {**{k: v for k, v in config.extra.items() if k in ("data", "validation_data")},
+                    "fork_changes": [c.to_json() for c in changes]}
     _setup_determinism(config)
+    check_runtime(config, "fork")
+    config.runtime = runtime_settings()
     source = store.run(rec.run_id)
     model, optimizer, state = _restore(source, epoch)
     tstate = TrainerState.from_dict(state["trainer"])
     data_ = _data_for(parent, config, data)
+    _skip_to(data_, epoch)
     writer = RunWriter.create(
         store, session_id=parent.session_id, config=config.to_dict(), name=name,
         parent_run_id=run_id, fork_epoch=epoch,
@@ -369,16 +467,15 @@ def fork(
     images, labels = store.probes(parent.session_id)
     try:
         trainer = Trainer(
-            model=model, optimizer=optimizer, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
-            data=data_, probe_images=images, probe_labels=labels, writer=writer, config=config,
-            state=tstate, tracker_state=state.get("tracker"),
-            doctor_state=state.get("doctor"), progress=progress,
+            model=model, optimizer=optimizer, data=data_, probe_images=images, probe_labels=labels,
+            writer=writer, config=config, state=tstate, tracker_state=state.get("tracker"),
+            doctor_state=state.get("doctor"), progress=progress, callbacks=callbacks,
         )
         trainer.recorder._prev = _prev_from_model(trainer)
-        from .steer import apply
+        from .steer import apply, set_learning_rate
 
         if lr is not None:
-            trainer.optimizer.learning_rate = float(lr)
+            set_learning_rate(trainer.optimizer, float(lr))
         for cmd in changes:
             if cmd.op in ("pause", "resume", "stop"):
                 raise ConfigError(f"Received: change {cmd.op!r} (a fork takes structural changes and lr only)")

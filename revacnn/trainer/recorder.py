@@ -34,6 +34,7 @@ class LayerSnapshot:
     layer_frozen: bool
     activations: np.ndarray | None = None  # (P, H, W, F) float32, conv only
     rgb_input: bool = False
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. a separable conv's depthwise kernel
 
 
 @dataclass
@@ -222,6 +223,7 @@ class Recorder:
                 "filter_uids": L.uids.astype(np.int64),
                 "frozen": L.frozen_mask.astype(np.uint8),
                 "_attrs": {"kind": L.kind, "index": L.index, "frozen": bool(L.layer_frozen)},
+                **L.extra,
             }
             if L.kind == "conv":
                 entry["kernel"] = k.astype(np.float32)

@@ -76,6 +76,18 @@ def _check_indices(trainer: Trainer, layer: str, args: dict[str, Any]) -> list[i
     return sorted(idx)
 
 
+def set_learning_rate(optimizer: Any, lr: float) -> None:
+    """Set a constant learning rate; refuse (`SteeringError`) when the optimizer follows a schedule."""
+    current = getattr(optimizer, "_learning_rate", None)
+    if current is not None and hasattr(current, "get_config") and callable(current):
+        raise SteeringError(
+            f"Received: lr={lr!r} for an optimizer that follows a learning-rate schedule "
+            f"({type(current).__name__}); the schedule sets the rate (fork the run with a new "
+            "compiled schedule instead)"
+        )
+    optimizer.learning_rate = float(lr)
+
+
 def apply(trainer: Trainer, cmd: Command) -> str:
     """Apply one command to a live trainer; return a short message, raise `SteeringError` to reject."""
     op, args = cmd.op, cmd.args
@@ -87,7 +99,7 @@ def apply(trainer: Trainer, cmd: Command) -> str:
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not np.isfinite(lr) or lr <= 0:
             raise SteeringError(f"Received: lr={lr!r} (expected a number > 0)")
         old = trainer.lr
-        trainer.optimizer.learning_rate = float(lr)
+        set_learning_rate(trainer.optimizer, float(lr))
         return f"learning rate {old:g} -> {float(lr):g}"
     if op == "pause":
         trainer.paused = True
@@ -123,6 +135,12 @@ def apply(trainer: Trainer, cmd: Command) -> str:
         trainer.rebuild(carry=True)
         verb = "frozen" if op == "freeze-filters" else "unfrozen"
         return f"{layer} filters {idx} {verb} ({len(cur)} frozen filters in the layer)"
+    if op in ("add-filters", "delete-filters", "reinit-filters") and not getattr(trainer, "supports_surgery", True):
+        raise SteeringError(
+            f"{op} needs new variables, which a run recorded by RevacnnCallback inside the user's own "
+            f"model.fit cannot take. Received: {op} {layer} (fork the run instead: revacnn fork "
+            f"{trainer.run_id} --epoch K --{op} ..., which continues under revacnn.fit)"
+        )
     from ..steering import graph
 
     # Group surgery (steering/graph.py): every layer tied to ``layer`` through Add, Concatenate,

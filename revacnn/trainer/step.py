@@ -1,13 +1,16 @@
-"""The compiled train step: forward, loss, gradients of the unfrozen variables, update, and in-step sums."""
+"""The compiled train step: forward, the compiled loss, gradients of the unfrozen variables, update, in-step sums."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from ..models.graph import GraphProbe, RecordedLayer
 
 # Steering re-traces the step on purpose (that is how freezing saves time); don't warn about it.
 tf.get_logger().setLevel("ERROR")
@@ -15,11 +18,15 @@ tf.get_logger().setLevel("ERROR")
 
 @dataclass
 class LayerSpec:
-    """What the step needs to know about one weighted (conv or dense) layer."""
+    """What the step needs to know about one recorded (conv or dense) layer."""
 
-    layer: keras.layers.Layer
+    rec: RecordedLayer
     frozen: bool  # the whole layer: left out of the gradient computation
     frozen_mask: np.ndarray | None  # (F,) bool: single frozen filters (kept bit-identical)
+
+    @property
+    def layer(self) -> keras.layers.Layer:
+        return self.rec.layer
 
 
 class StepState:
@@ -27,7 +34,7 @@ class StepState:
 
     def __init__(self, specs: Sequence[LayerSpec]) -> None:
         self.grad_l1 = {
-            s.layer.name: tf.Variable(tf.zeros([_n_out(s.layer)], tf.float32), trainable=False)
+            s.rec.name: tf.Variable(tf.zeros([s.rec.n_filters], tf.float32), trainable=False)
             for s in specs
         }
         self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
@@ -39,6 +46,11 @@ class StepState:
         self.correct.assign(0)
         self.seen.assign(0)
 
+    def metrics(self) -> tuple[float, float]:
+        """(mean loss, accuracy) of the examples seen since the last reset."""
+        seen = max(int(self.seen.numpy()), 1)
+        return float(self.loss_sum.numpy()) / seen, int(self.correct.numpy()) / seen
+
     def take_grad_l1(self) -> dict[str, np.ndarray]:
         """Read and zero the per-filter gradient sums."""
         out = {}
@@ -48,121 +60,176 @@ class StepState:
         return out
 
 
-def _n_out(layer: keras.layers.Layer) -> int:
-    return int(layer.kernel.shape[-1])
+def hits(y: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
+    """Correct predictions in a batch (int64), for integer or one-hot labels and any class count."""
+    pred = tf.convert_to_tensor(pred)
+    y = tf.convert_to_tensor(y)
+    if pred.shape[-1] == 1:  # one sigmoid/logit unit
+        lo = tf.reduce_min(pred)
+        thresh = tf.where(lo < 0.0, tf.constant(0.0, pred.dtype), tf.constant(0.5, pred.dtype))
+        p = tf.reshape(pred > thresh, [-1])
+        t = tf.reshape(tf.cast(y, tf.float32) > 0.5, [-1])
+    else:
+        p = tf.argmax(pred, axis=-1, output_type=tf.int32)
+        if y.shape.rank == pred.shape.rank and y.shape[-1] == pred.shape[-1]:
+            t = tf.argmax(y, axis=-1, output_type=tf.int32)
+        else:
+            t = tf.reshape(tf.cast(y, tf.int32), tf.shape(p))
+    return tf.reduce_sum(tf.cast(tf.equal(p, t), tf.int64))
 
 
-def build_train_step(
+def per_filter_l1(rec: RecordedLayer, g_kernel: tf.Tensor, g_bias: tf.Tensor | None) -> tf.Tensor:
+    """``(F,)`` L1 norm of the gradient of each filter's kernel (and bias)."""
+    rank = len(g_kernel.shape)
+    g = tf.reduce_sum(tf.abs(g_kernel), axis=list(range(rank - (2 if rec.ctype == "depthwise" else 1))))
+    g = tf.reshape(g, [-1])
+    if g_bias is not None:
+        g = g + tf.abs(g_bias)
+    return g
+
+
+def trainable_split(model: keras.Model, specs: Sequence[LayerSpec]) -> list[Any]:
+    """The trainable variables that get gradients: all of the model's but the frozen layers'."""
+    frozen = {id(v) for s in specs if s.frozen for v in s.layer.trainable_variables}
+    return [v for v in model.trainable_variables if id(v) not in frozen]
+
+
+def make_update(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
-    loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
-    x_all: tf.Tensor,
-    y_all: tf.Tensor,
     specs: Sequence[LayerSpec],
     state: StepState,
-    scale: float = 1.0 / 255.0,
-) -> Callable[[tf.Tensor], tf.Tensor]:
-    """Trace a train step over batch indices into ``x_all``/``y_all``.
+    loss_fn: Callable[[Any, Any, Any], tf.Tensor],
+) -> Callable[[Any, Any], tf.Tensor]:
+    """The untraced body of a train step: ``update(x, y) -> loss`` (trace it inside a tf.function).
 
     Frozen layers' variables are not in the gradient computation at all (that is what saves
     time). Frozen single filters get zero gradient and are restored after the update, so they
     stay bit-identical under any optimizer (Adam's momentum would otherwise move them).
-    The per-filter gradient L1 of every unfrozen weighted layer is accumulated in the step.
-
-    Returns:
-        ``step(indices) -> loss``, a `tf.function`.
+    The per-filter gradient L1 of every unfrozen recorded layer is accumulated in the step.
     """
-    frozen_layers = {s.layer.name for s in specs if s.frozen}
-    train_vars = [
-        v for layer in model.layers if layer.name not in frozen_layers for v in layer.trainable_variables
-    ]
+    train_vars = trainable_split(model, specs)
     var_pos = {id(v): i for i, v in enumerate(train_vars)}
-    acc = []  # (kernel index, bias index or None, accumulator)
+    acc = []  # (rec, kernel index, bias index or None, accumulator)
     restore = []  # (variable, grad index, saved value, broadcast mask)
     for s in specs:
         if s.frozen:
             continue
-        layer = s.layer
-        ki = var_pos[id(layer.kernel)]
-        bi = var_pos[id(layer.bias)] if getattr(layer, "bias", None) is not None else None
-        acc.append((ki, bi, state.grad_l1[layer.name], len(layer.kernel.shape)))
+        rec = s.rec
+        kvar, bvar = rec.kernel_var, rec.bias_var
+        if id(kvar) not in var_pos:  # the layer is not trainable at all (layer.trainable=False)
+            continue
+        ki = var_pos[id(kvar)]
+        bi = var_pos.get(id(bvar)) if bvar is not None else None
+        acc.append((rec, ki, bi, state.grad_l1[rec.name]))
         if s.frozen_mask is not None and s.frozen_mask.any():
-            m = tf.constant(s.frozen_mask)
-            restore.append((layer.kernel, ki, tf.constant(layer.kernel.numpy()), m))
-            if bi is not None:
-                restore.append((layer.bias, bi, tf.constant(layer.bias.numpy()), m))
+            for var, gi in ((kvar, ki), (bvar, bi)):
+                if var is None or gi is None:
+                    continue
+                m = tf.constant(rec.filter_mask(var, s.frozen_mask))
+                restore.append((var, gi, tf.constant(var.numpy()), m))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)], jit_compile=False)
-    def step(idx: tf.Tensor) -> tf.Tensor:
-        x = tf.cast(tf.gather(x_all, idx), tf.float32) * scale
-        y = tf.gather(y_all, idx)
+    def update(x: Any, y: Any) -> tf.Tensor:
         with tf.GradientTape() as tape:
             pred = model(x, training=True)
-            loss = loss_fn(y, pred)
-            if model.losses:
-                loss = loss + tf.add_n(model.losses)
+            loss = loss_fn(x, y, pred)
         grads = tape.gradient(loss, train_vars)
         for _var, gi, _, m in restore:
             grads[gi] = tf.where(m, tf.zeros_like(grads[gi]), grads[gi])
         optimizer.apply(grads, train_vars)
         for var, _, saved, m in restore:
             var.assign(tf.where(m, saved, var))
-        for ki, bi, accumulator, rank in acc:
-            g = tf.reduce_sum(tf.abs(grads[ki]), axis=list(range(rank - 1)))
-            if bi is not None:
-                g = g + tf.abs(grads[bi])
-            accumulator.assign_add(g)
-        n = tf.shape(idx)[0]
+        for rec, ki, bi, accumulator in acc:
+            accumulator.assign_add(per_filter_l1(rec, grads[ki], grads[bi] if bi is not None else None))
+        n = tf.shape(tf.nest.flatten(x)[0])[0]
         state.loss_sum.assign_add(tf.cast(loss, tf.float64) * tf.cast(n, tf.float64))
-        hit = tf.equal(tf.argmax(pred, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
-        state.correct.assign_add(tf.reduce_sum(tf.cast(hit, tf.int64)))
+        state.correct.assign_add(hits(y, pred))
         state.seen.assign_add(tf.cast(n, tf.int64))
         return loss
 
-    return step
+    return update
 
 
-def build_eval_step(
-    model: keras.Model, loss_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], scale: float = 1.0 / 255.0
-) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """``eval(x_uint8, y) -> (loss_sum, n_correct)`` in inference mode."""
+def compiled_loss(model: keras.Model, *, training: bool) -> Callable[[Any, Any, Any], tf.Tensor]:
+    """``loss(x, y, pred)``: the model's compiled loss plus its regularisation losses."""
+
+    def loss(x: Any, y: Any, pred: Any) -> tf.Tensor:
+        return model.compute_loss(x=x, y=y, y_pred=pred, training=training)
+
+    return loss
+
+
+def build_train_step(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    specs: Sequence[LayerSpec],
+    state: StepState,
+    *,
+    x_all: tf.Tensor | None = None,
+    y_all: tf.Tensor | None = None,
+) -> tuple[Callable[[Any, Any], tf.Tensor], Callable[[tf.Tensor], tf.Tensor] | None]:
+    """Trace train steps for the model as compiled (its loss, the given optimizer).
+
+    Returns:
+        ``(step(x, y) -> loss, step_idx(indices) -> loss)``: the first takes a batch as given
+        (a dataset's), the second gathers a batch of device-resident arrays ``x_all``/``y_all``
+        by indices (None when no arrays are given). Both are `tf.function`s.
+    """
+    update = make_update(model, optimizer, specs, state, compiled_loss(model, training=True))
 
     @tf.function(jit_compile=False, reduce_retracing=True)
-    def evaluate(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        pred = model(tf.cast(x, tf.float32) * scale, training=False)
-        n = tf.cast(tf.shape(x)[0], tf.float64)
-        loss = tf.cast(loss_fn(y, pred), tf.float64) * n
-        hit = tf.equal(tf.argmax(pred, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
-        return loss, tf.reduce_sum(tf.cast(hit, tf.int64))
+    def step(x: Any, y: Any) -> tf.Tensor:
+        return update(x, y)
+
+    step_idx = None
+    if x_all is not None:
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)], jit_compile=False)
+        def step_idx(idx: tf.Tensor) -> tf.Tensor:
+            return update(tf.gather(x_all, idx), tf.gather(y_all, idx))
+
+    return step, step_idx
+
+
+def build_eval_step(model: keras.Model) -> Callable[[Any, Any], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+    """``eval(x, y) -> (loss_sum, n_correct, n)`` in inference mode, with the compiled loss."""
+    loss_fn = compiled_loss(model, training=False)
+
+    @tf.function(jit_compile=False, reduce_retracing=True)
+    def evaluate(x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        pred = model(x, training=False)
+        n = tf.shape(tf.nest.flatten(x)[0])[0]
+        loss = tf.cast(loss_fn(x, y, pred), tf.float64) * tf.cast(n, tf.float64)
+        return loss, hits(y, pred), tf.cast(n, tf.int64)
 
     return evaluate
 
 
 def build_probe_step(
-    model: keras.Model, scale: float = 1.0 / 255.0
-) -> Callable[[tf.Tensor], tuple[list[tf.Tensor], tf.Tensor]]:
-    """``probe(x_uint8) -> ([post-activation output of each conv layer], probabilities)``.
-
-    A conv layer's output is taken after its own activation, or after an Activation/ReLU layer that
-    directly follows it.
-    """
-    layers = list(model.layers)
-    take = []
-    for i, layer in enumerate(layers):
-        if isinstance(layer, keras.layers.Conv2D):
-            j = i
-            if i + 1 < len(layers) and isinstance(layers[i + 1], (keras.layers.Activation, keras.layers.ReLU)):
-                j = i + 1
-            take.append(j)
+    model: keras.Model, layers: Sequence[RecordedLayer]
+) -> Callable[[Any], tuple[list[tf.Tensor], tf.Tensor]]:
+    """``probe(x) -> ([post-activation output of each conv layer], model output)``, from the graph itself."""
+    gp = GraphProbe(model, layers)
 
     @tf.function(jit_compile=False, reduce_retracing=True)
-    def probe(x: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
-        h = tf.cast(x, tf.float32) * scale
-        outs = []
-        for i, layer in enumerate(layers):
-            h = layer(h, training=False)
-            if i in take:
-                outs.append(h)
-        return outs, h
+    def probe(x: Any) -> tuple[list[tf.Tensor], tf.Tensor]:
+        return gp(x)
 
     return probe
+
+
+def as_probabilities(out: np.ndarray) -> np.ndarray:
+    """The model's output as class probabilities (a softmax over logits; one sigmoid unit -> two classes)."""
+    out = np.asarray(out, np.float64)
+    if out.ndim == 1:
+        out = out[:, None]
+    if out.shape[-1] == 1:
+        p = out[:, 0]
+        if p.min() < 0 or p.max() > 1:
+            p = 1.0 / (1.0 + np.exp(-p))
+        return np.stack([1 - p, p], axis=1).astype(np.float32)
+    if out.min() < 0 or not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        z = out - out.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        out = e / e.sum(axis=1, keepdims=True)
+    return out.astype(np.float32)

@@ -5,21 +5,29 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from ..config import TrainConfig
-from ..errors import StoreWriteError
-from ..models import weighted_layers
+from ..errors import ConfigError, StoreWriteError
+from ..models.graph import RecordedLayer, recorded_layers
 from ..storage import RunWriter, Store
 from .autofreeze import AutoFreezer
 from .checkpoint import capture
 from .recorder import EpochSnapshot, LayerSnapshot, Recorder
-from .step import LayerSpec, StepState, build_eval_step, build_probe_step, build_train_step
+from .sources import ArraySource, Source, as_source
+from .step import (
+    LayerSpec,
+    StepState,
+    as_probabilities,
+    build_eval_step,
+    build_probe_step,
+    build_train_step,
+)
 
 log = logging.getLogger("revacnn.trainer")
 
@@ -28,12 +36,43 @@ EVAL_BATCH = 500
 
 @dataclass
 class TrainData:
-    """Training and validation arrays (uint8 images, integer labels)."""
+    """Training and validation data as the user gave it (see `revacnn.trainer.sources`).
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
+    Example:
+        >>> data = TrainData.arrays(x, y, x_val, y_val)
+        >>> data = TrainData(as_source(train_ds, "data"), as_source(val_ds, "validation_data"))
+    """
+
+    train: Source
+    val: Source | None = None
+
+    @classmethod
+    def arrays(cls, x: Any, y: Any, x_val: Any = None, y_val: Any = None) -> TrainData:
+        val = ArraySource(x_val, y_val, "x_val") if x_val is not None and len(x_val) else None
+        return cls(ArraySource(x, y, "x"), val)
+
+    @classmethod
+    def of(cls, data: Any, validation_data: Any = None) -> TrainData:
+        """From what a user passes to ``fit``: arrays, datasets, or a `TrainData`."""
+        if isinstance(data, TrainData):
+            return data
+        val = as_source(validation_data, "validation_data") if validation_data is not None else None
+        return cls(as_source(data, "data"), val)
+
+
+def ensure_compiled(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: Any = None) -> None:
+    """Compile ``model`` with ``optimizer`` unless it already is; keep its own loss and metrics.
+
+    An uncompiled model gets ``loss`` (default sparse categorical cross-entropy).
+    """
+    if getattr(model, "compiled", False) and getattr(model, "optimizer", None) is optimizer:
+        return
+    if getattr(model, "compiled", False) and getattr(model, "_compile_loss", None) is not None:
+        cc = model.get_compile_config()
+        cfg = keras.saving.deserialize_keras_object({k: v for k, v in cc.items() if k != "optimizer"})
+        model.compile(optimizer=optimizer, **cfg)
+        return
+    model.compile(optimizer=optimizer, loss=loss or keras.losses.SparseCategoricalCrossentropy())
 
 
 @dataclass
@@ -86,7 +125,9 @@ class TrainerState:
 class Trainer:
     """Trains a Keras model batch by batch, records every epoch into a store, and obeys steering.
 
-    Use `revacnn.fit` or the CLI rather than this class directly.
+    The model trains as compiled: its own loss (`keras.Model.compute_loss`, regularisation
+    included) and ``optimizer`` (built once over all trainable variables). Use `revacnn.fit` or
+    the CLI rather than this class directly.
     """
 
     def __init__(
@@ -94,39 +135,47 @@ class Trainer:
         *,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
-        loss_fn: Any,
         data: TrainData,
         probe_images: np.ndarray,
         probe_labels: np.ndarray,
         writer: RunWriter,
         config: TrainConfig,
+        loss_fn: Any = None,
         state: TrainerState | None = None,
         tracker_state: dict[str, Any] | None = None,
         doctor_state: dict[str, Any] | None = None,
         progress: bool = True,
+        callbacks: Sequence[keras.callbacks.Callback] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
+        ensure_compiled(model, optimizer, loss_fn)
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
         self.data = data
         self.config = config
         self.writer = writer
         self.store: Store = writer.store
         self.run_id = writer.run_id
         self.progress = progress
-        self.probe_images = np.asarray(probe_images, np.uint8)
+        self.probe_images = np.asarray(probe_images)
         self.probe_labels = np.asarray(probe_labels)
         self.state = state or TrainerState()
-        for layer in weighted_layers(model):
-            if layer.name not in self.state.uids:
-                n = int(layer.kernel.shape[-1])
-                self.state.uids[layer.name] = list(range(n))
-                self.state.next_uid[layer.name] = n
-        self.rgb_first = model.input_shape[-1] == 3
-        self._x = tf.constant(np.asarray(data.x_train, np.uint8))
-        self._y = tf.constant(np.asarray(data.y_train, np.int32))
-        self._xv = np.asarray(data.x_val, np.uint8)
-        self._yv = np.asarray(data.y_val, np.int32)
+        self.recs: list[RecordedLayer] = recorded_layers(model)
+        for r in self.recs:
+            if r.name not in self.state.uids:
+                self.state.uids[r.name] = list(range(r.n_filters))
+                self.state.next_uid[r.name] = r.n_filters
+        self.user_callbacks = list(callbacks or [])
+        self.callbacks = keras.callbacks.CallbackList(
+            self.user_callbacks, add_history=False, add_progbar=False, model=model
+        )
+        self._batch_hooks = any(
+            type(cb).on_train_batch_end is not keras.callbacks.Callback.on_train_batch_end
+            or type(cb).on_train_batch_begin is not keras.callbacks.Callback.on_train_batch_begin
+            for cb in self.user_callbacks
+        )
+        self.end_message: str | None = None
         self.recorder = Recorder(
             writer,
             embeddings=config.embeddings,
@@ -162,20 +211,24 @@ class Trainer:
                 {k: dict(zip(self._acc_uids[k], v.numpy().tolist(), strict=False)) for k, v in old.grad_l1.items()},
                 old.loss_sum.numpy(), old.correct.numpy(), old.seen.numpy(),
             )
+        self.recs = recorded_layers(self.model)
         specs = []
-        for layer in weighted_layers(self.model):
-            frozen_uids = set(self.state.frozen_filters.get(layer.name, []))
+        for r in self.recs:
+            frozen_uids = set(self.state.frozen_filters.get(r.name, []))
             mask = None
             if frozen_uids:
-                mask = np.array([u in frozen_uids for u in self.state.uids[layer.name]], bool)
-            specs.append(LayerSpec(layer, layer.name in self.state.frozen_layers, mask))
+                mask = np.array([u in frozen_uids for u in self.state.uids[r.name]], bool)
+            specs.append(LayerSpec(r, r.name in self.state.frozen_layers, mask))
         self.specs = specs
         self.step_state = StepState(specs)
-        self._step = build_train_step(
-            self.model, self.optimizer, self.loss_fn, self._x, self._y, specs, self.step_state
+        x_all = y_all = None
+        if isinstance(self.data.train, ArraySource):
+            x_all, y_all = self.data.train.device()
+        self._step, self._step_idx = build_train_step(
+            self.model, self.optimizer, specs, self.step_state, x_all=x_all, y_all=y_all
         )
-        self._eval = build_eval_step(self.model, self.loss_fn)
-        self._probe = build_probe_step(self.model)
+        self._eval = build_eval_step(self.model)
+        self._probe = build_probe_step(self.model, self.recs)
         self._acc_uids = {name: list(self.state.uids[name]) for name in self.step_state.grad_l1}
         if saved is not None:
             grads, loss_sum, correct, seen = saved
@@ -208,8 +261,18 @@ class Trainer:
             if name in self.state.frozen_filters:
                 live = set(new_uids)
                 self.state.frozen_filters[name] = [u for u in self.state.frozen_filters[name] if u in live]
+        old = getattr(self, "model", None)
+        cc = old.get_compile_config() if getattr(old, "compiled", False) else {}
         self.model = result.model
         self.optimizer = result.optimizer
+        if self.optimizer is not None:  # the new model trains with the loss and metrics it had
+            cfg = keras.saving.deserialize_keras_object({k: v for k, v in cc.items() if k != "optimizer"})
+            if cfg.get("loss") is None:
+                cfg["loss"] = keras.losses.SparseCategoricalCrossentropy()
+            self.model.compile(optimizer=self.optimizer, **cfg)
+        self.model.stop_training = False
+        if getattr(self, "callbacks", None) is not None:
+            self.callbacks.set_model(self.model)
         self.rebuild(carry=True)
 
     def frozen_mask(self, layer_name: str) -> np.ndarray:
@@ -225,21 +288,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ recording
     def evaluate(self) -> tuple[float, float]:
-        """Validation loss and accuracy."""
-        n = len(self._yv)
-        if n == 0:
+        """Validation loss and accuracy (NaN without validation data)."""
+        if self.data.val is None:
             return float("nan"), float("nan")
         loss = 0.0
         hits = 0
-        for i in range(0, n, EVAL_BATCH):
-            batch_loss, h = self._eval(self._xv[i : i + EVAL_BATCH], self._yv[i : i + EVAL_BATCH])
+        n = 0
+        for x, y in self.data.val.eval_batches(EVAL_BATCH):
+            batch_loss, h, k = self._eval(x, y)
             loss += float(batch_loss)
             hits += int(h)
+            n += int(k)
+        if n == 0:
+            return float("nan"), float("nan")
         return loss / n, hits / n
 
     def probe(self) -> tuple[list[np.ndarray], np.ndarray]:
-        outs, probs = self._probe(self.probe_images)
-        return [o.numpy() for o in outs], probs.numpy()
+        outs, out = self._probe(self.probe_images)
+        return [o.numpy() for o in outs], as_probabilities(np.asarray(out))
 
     def snapshot(self, epoch: int, metrics: dict[str, Any], *, checkpoint: bool = True) -> EpochSnapshot:
         """Copy what the epoch record needs out of the model (fast; the worker does the rest)."""
@@ -247,22 +313,22 @@ class Trainer:
         grads = self.step_state.take_grad_l1()
         layers = []
         ci = 0
-        for idx, layer in enumerate(weighted_layers(self.model)):
-            is_conv = isinstance(layer, keras.layers.Conv2D)
-            name = layer.name
+        for idx, r in enumerate(self.recs):
+            is_conv = r.kind == "conv"
             layers.append(
                 LayerSnapshot(
-                    name=name,
-                    kind="conv" if is_conv else "dense",
+                    name=r.name,
+                    kind=r.kind,
                     index=idx,
-                    kernel=layer.kernel.numpy(),
-                    bias=layer.bias.numpy() if layer.bias is not None else None,
-                    grad_l1=grads.get(name, np.zeros(int(layer.kernel.shape[-1]), np.float32)),
-                    uids=np.asarray(self.state.uids[name], np.int64),
-                    frozen_mask=self.frozen_mask(name),
-                    layer_frozen=name in self.state.frozen_layers,
+                    kernel=r.kernel(),
+                    bias=r.bias(),
+                    grad_l1=grads.get(r.name, np.zeros(r.n_filters, np.float32)),
+                    uids=np.asarray(self.state.uids[r.name], np.int64),
+                    frozen_mask=self.frozen_mask(r.name),
+                    layer_frozen=r.name in self.state.frozen_layers,
                     activations=acts[ci] if is_conv else None,
-                    rgb_input=is_conv and ci == 0 and self.rgb_first,
+                    rgb_input=r.rgb_input,
+                    extra=r.extra_arrays(),
                 )
             )
             ci += int(is_conv)
@@ -282,14 +348,15 @@ class Trainer:
         )
 
     def record(self, epoch: int, *, train_loss: float | None, train_acc: float | None, duration: float,
-               n_batches: int) -> None:
+               n_batches: int, lr: float | None = None) -> dict[str, Any]:
+        """Evaluate, then hand epoch ``epoch``'s snapshot to the worker; return the epoch's metrics."""
         val_loss, val_acc = self.evaluate()
         metrics = {
             "loss": train_loss,
             "accuracy": train_acc,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
-            "lr": self.lr,
+            "lr": self.lr if lr is None else lr,
             "duration_s": duration,
             "cumulative_time_s": self.state.cumulative_time_s,
             "n_batches": n_batches,
@@ -299,33 +366,50 @@ class Trainer:
             # before the snapshot: the epoch's record and checkpoint already hold the freeze
             self.auto_freezer.check(self, epoch, n_batches)
         self.recorder.submit(self.snapshot(epoch, metrics))
+        return metrics
 
     # ------------------------------------------------------------------ loop
     def order(self, epoch: int) -> np.ndarray:
-        """The data order of ``epoch``: a permutation fixed by (seed, epoch), so forks replay it."""
-        return np.random.default_rng([int(self.config.seed), int(epoch)]).permutation(len(self.data.y_train)).astype(np.int32)
+        """The data order of ``epoch`` for array data: a permutation fixed by (seed, epoch)."""
+        src = self.data.train
+        if not isinstance(src, ArraySource):
+            raise ConfigError(f"Received: {src.kind} training data (a fixed order exists for arrays only)")
+        return src.order(self.config.seed, epoch)
 
     def run(self, *, start_epoch: int, epochs: int, record_start: bool = True,
             start_train_metrics: tuple[float | None, float | None] = (None, None)) -> str:
         """Record ``start_epoch`` (if asked), then train epochs ``start_epoch+1 .. epochs``.
+
+        Callbacks see Keras' epoch indices (``epoch - 1`` for the recorded epoch ``epoch``), as
+        ``model.fit(initial_epoch=start_epoch, epochs=epochs)`` would call them. When a callback
+        sets ``model.stop_training`` (EarlyStopping), the run ends after that epoch's record with
+        status ``finished`` and a message naming the epoch.
 
         Returns:
             The final status: ``finished``, ``stopped`` or ``failed``.
         """
         status = "failed"
         message = None
+        self.model.stop_training = False
+        self.callbacks.set_params({"epochs": epochs, "steps": self._n_batches(), "verbose": 0})
         try:
+            self.callbacks.on_train_begin()
             if self.auto_freezer is not None:
                 self.auto_freezer.prime(self)  # the model as it starts is "the previous epoch"
             if record_start:
                 loss0, acc0 = start_train_metrics
                 self.record(start_epoch, train_loss=loss0, train_acc=acc0, duration=0.0, n_batches=0)
+            status = "finished"
             for epoch in range(start_epoch + 1, epochs + 1):
                 if not self._train_epoch(epoch):
                     status = "stopped"
                     break
-            else:
-                status = "finished"
+                if getattr(self.model, "stop_training", False):
+                    message = self.end_message = (
+                        f"ended early after epoch {epoch} of {epochs} by a callback (model.stop_training)"
+                    )
+                    break
+            self.callbacks.on_train_end()
             self.recorder.close()  # the last epochs' writes must have succeeded too
             self._check_store()
         except KeyboardInterrupt:
@@ -352,16 +436,27 @@ class Trainer:
                 log.error("status of %s not written: %s", self.run_id, exc)
         return status
 
+    def _n_batches(self) -> int | None:
+        return self.data.train.n_batches(self.config.batch_size)
+
+    def _batches(self, epoch: int) -> Iterator[Any]:
+        src = self.data.train
+        if isinstance(src, ArraySource):
+            order = src.order(self.config.seed, epoch)
+            bs = self.config.batch_size
+            for b in range(src.n_batches(bs)):
+                yield (order[b * bs : (b + 1) * bs],)
+        else:
+            yield from src.epoch_batches(epoch)
+
     def _check_store(self) -> None:
         """Raise `StoreWriteError` once the recorder found the store unwritable (a full disk)."""
         if self.recorder.fatal:
             raise StoreWriteError(self.recorder.fatal)
 
     def _train_epoch(self, epoch: int) -> bool:
-        order = self.order(epoch)
-        bs = self.config.batch_size
-        n = len(order)
-        self.n_batches = nb = (n + bs - 1) // bs
+        nb = self._n_batches()
+        self.n_batches = nb or 0
         self.step_state.reset_metrics()
         bar = None
         if self.progress:
@@ -371,40 +466,59 @@ class Trainer:
                        file=sys.stderr, dynamic_ncols=True)
         live_every = self.config.live_every_s
         train_time = 0.0
-        t0 = time.perf_counter()
         self.epoch_in_progress = epoch
+        self.callbacks.on_epoch_begin(epoch - 1)
+        b = -1
         try:
-            for b in range(nb):
+            it = self._batches(epoch)
+            while True:
+                b += 1
                 self.batch = b
                 self._between_batches(epoch, b)
                 if self.stop_requested:
                     return False
                 t_step = time.perf_counter()
-                self._step(order[b * bs : (b + 1) * bs])
+                batch = next(it, None)
+                if batch is None:
+                    train_time += time.perf_counter() - t_step
+                    break
+                if self._batch_hooks:
+                    self.callbacks.on_train_batch_begin(b)
+                if len(batch) == 1:
+                    self._step_idx(batch[0])
+                else:
+                    self._step(batch[0], batch[1])
                 train_time += time.perf_counter() - t_step
-                if bar is not None and (b % 10 == 0 or b == nb - 1):
+                if self._batch_hooks:
+                    loss, acc = self.step_state.metrics()
+                    self.callbacks.on_train_batch_end(b, {"loss": loss, "accuracy": acc})
+                if bar is not None and (b % 10 == 0 or b == (nb or 0) - 1):
                     bar.update(b + 1 - bar.n)
-                    seen = max(int(self.step_state.seen.numpy()), 1)
-                    bar.set_postfix(loss=f"{float(self.step_state.loss_sum.numpy()) / seen:.4f}",
-                                    acc=f"{int(self.step_state.correct.numpy()) / seen:.3f}", refresh=False)
+                    loss, acc = self.step_state.metrics()
+                    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
                 # The period spans epochs: a wall-clock clock kept on the trainer, not per epoch,
                 # so epochs shorter than ``live_every_s`` still publish.
                 if live_every and time.perf_counter() - self._t_live >= live_every:
-                    self._publish_live(epoch, b + 1, nb)
+                    self._publish_live(epoch, b + 1, nb or b + 1)
                 self.writer.heartbeat()
         finally:
             if bar is not None:
                 bar.close()
+        nb = b
+        self.n_batches = nb
         self.batch = nb
         self._between_batches(epoch, nb)  # commands sent during the last batch apply before the record
         if live_every:
             self._publish_live(epoch, nb, nb)  # one at every epoch's end: the page never lags the record
-        del t0
-        seen = max(int(self.step_state.seen.numpy()), 1)
-        train_loss = float(self.step_state.loss_sum.numpy()) / seen
-        train_acc = int(self.step_state.correct.numpy()) / seen
+        train_loss, train_acc = self.step_state.metrics()
         self.state.cumulative_time_s += train_time
-        self.record(epoch, train_loss=train_loss, train_acc=train_acc, duration=train_time, n_batches=nb)
+        metrics = self.record(epoch, train_loss=train_loss, train_acc=train_acc, duration=train_time,
+                              n_batches=nb)
+        logs = {k: metrics[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+        if self.data.val is None:
+            logs = {"loss": logs["loss"], "accuracy": logs["accuracy"]}
+        logs["learning_rate"] = metrics["lr"]
+        self.callbacks.on_epoch_end(epoch - 1, logs)
         return not self.stop_requested
 
     def _between_batches(self, epoch: int, batch: int) -> None:
@@ -425,16 +539,11 @@ class Trainer:
             return
         self._last_live = time.time()
         self._t_live = time.perf_counter()
-        seen = int(self.step_state.seen.numpy())
-        loss = float(self.step_state.loss_sum.numpy()) / max(seen, 1)
-        acc = int(self.step_state.correct.numpy()) / max(seen, 1)
+        loss, acc = self.step_state.metrics()
         self.batch_history.append((epoch, batch, loss, acc, time.time()))
         del self.batch_history[:-5000]
         acts, probs = self.probe()
-        kernels = {}
-        for layer in weighted_layers(self.model):
-            if isinstance(layer, keras.layers.Conv2D):
-                kernels[layer.name] = np.moveaxis(layer.kernel.numpy(), -1, 0)
+        kernels = {r.name: np.moveaxis(r.kernel(), -1, 0) for r in self.recs if r.kind == "conv"}
         from ..storage.live import write_live_snapshot
 
         meta = {

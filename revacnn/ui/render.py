@@ -14,6 +14,7 @@ __all__ = [
     "Sprite",
     "activation_rgb",
     "activation_scale",
+    "display_images",
     "kernel_channels_rgb",
     "kernel_rgb",
     "png_data_uri",
@@ -33,6 +34,34 @@ def _lut(palette: list[str] | tuple[str, ...], n: int = 256) -> np.ndarray:
 #: 256-entry colour tables: activations (inferno: dark = silent) and signed weights (blue-white-red).
 ACT_LUT = _lut(Inferno256)
 DIVERGING_LUT = _lut(tuple(reversed(RdBu11)))
+
+
+def display_images(images: np.ndarray) -> np.ndarray:
+    """``(N, H, W, C)`` images of any dtype as ``(N, H, W, 3)`` uint8 for display.
+
+    uint8 images (and integer images within 0..255) are shown as they are. Anything else (e.g.
+    standardized floats, as a model may see them) gets a per-image display range: each image's
+    own minimum to maximum maps to 0..255. One channel is repeated to grey RGB.
+
+    Example:
+        >>> display_images(np.array([[[[-1.0], [1.0]]]])).tolist()
+        [[[[0, 0, 0], [255, 255, 255]]]]
+    """
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    x = x[..., :3]
+    if x.dtype == np.uint8:
+        return x
+    if np.issubdtype(x.dtype, np.integer) and x.size and x.min() >= 0 and x.max() <= 255:
+        return x.astype(np.uint8)
+    v = np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    axes = tuple(range(1, v.ndim))
+    lo, hi = v.min(axis=axes, keepdims=True), v.max(axis=axes, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return np.clip(np.round((v - lo) / span * 255.0), 0, 255).astype(np.uint8)
 
 
 def png_data_uri(rgb: np.ndarray) -> str:

@@ -74,7 +74,7 @@ def test_activations_are_post_activation_outputs(recorded, keras_mod):
     model = run.load_model(2)
     images, _ = store.probes(run.session_id)
     sub = keras_mod.Model(model.inputs[0], model.get_layer("conv2").output)
-    want = sub(images.astype("float32") / 255.0).numpy()  # (P, H, W, F)
+    want = sub(images).numpy()  # (P, H, W, F): probes are fed as given (here uint8 0..255)
     got = run.epoch(2).layer("conv2").activations.astype(np.float32)  # (P, F, H, W) float16
     np.testing.assert_allclose(got, np.moveaxis(want, -1, 1), rtol=2e-3, atol=2e-3)
     assert got.min() >= 0  # relu
@@ -157,14 +157,25 @@ def test_grad_l1_is_the_sum_over_the_epochs_batches(tmp_path, keras_mod, tiny_da
                                    rtol=1e-4, atol=1e-6)
 
 
-def test_unsupported_layer_is_named(keras_mod, tmp_path, tiny_data):
+def test_subclassed_model_gets_one_clear_error(keras_mod, tmp_path, tiny_data):
     L = keras_mod.layers
-    model = keras_mod.Sequential([keras_mod.Input((12, 12, 3)), L.Conv2D(2, 3, name="conv1"),
-                                  L.LSTM(3, name="my_lstm") if False else L.Reshape((10 * 10 * 2,), name="flat_reshape"),
-                                  L.Dense(4, name="out")])
+
+    class Net(keras_mod.Model):
+        def __init__(self):
+            super().__init__(name="net")
+            self.conv1 = L.Conv2D(2, 3, name="conv1")
+            self.flat = L.Flatten()
+            self.out = L.Dense(4, activation="softmax")
+
+        def call(self, x):
+            return self.out(self.flat(self.conv1(x) * 2.0))
+
+    model = Net()
+    model(np.zeros((1, 12, 12, 3), np.float32))
     (x, y), _ = tiny_data
-    with pytest.raises(UnsupportedLayerError, match="flat_reshape.*Reshape"):
+    with pytest.raises(UnsupportedLayerError, match="subclassed model of type Net.*supported: Sequential and functional"):
         revacnn.fit(model, (x, y), epochs=1, store=tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("run.json"))  # nothing recorded
 
 
 def test_bad_epochs_is_refused(keras_mod, tmp_path, tiny_data):

@@ -12,7 +12,14 @@ from bokeh.models import ColumnDataSource, HoverTool, Range1d
 from panel.viewable import Viewer
 
 from ..data import NetworkFrame
-from ..render import activation_rgb, kernel_channels_rgb, kernel_rgb, png_data_uri, sprite
+from ..render import (
+    activation_rgb,
+    display_images,
+    kernel_channels_rgb,
+    kernel_rgb,
+    png_data_uri,
+    sprite,
+)
 from ..theme import MEASURE_COLORS
 from ._component import HTMLView
 from ._plots import EpochOverlays, column, make_figure
@@ -181,7 +188,7 @@ class FilterDetail(Viewer):
             if probes.shape[-1] == 1:
                 probes = np.repeat(probes, 3, axis=-1)
             labels = f.probe_labels
-            sp_a, sp_p = sprite(tiles), sprite(probes[..., :3].astype(np.uint8))
+            sp_a, sp_p = sprite(tiles), sprite(display_images(probes))
             out["acts"] = {
                 "uri": sp_a.uri, "probes": sp_p.uri, "sprite": sp_a.css(), "probe_sprite": sp_p.css(),
                 "n": int(len(maps)), "cols": min(8, len(maps)), "current": int(self.probe),

@@ -11,7 +11,7 @@ import param
 from panel.viewable import Viewer
 
 from ..data import MEASURES, LayerFrame, NetworkFrame
-from ..render import activation_rgb, kernel_rgb, png_data_uri, sprite
+from ..render import activation_rgb, display_images, kernel_rgb, png_data_uri, sprite
 from ..theme import MEASURE_COLORS, MEASURE_LABELS
 from ._component import HTMLView, RenderCache, signature
 
@@ -235,7 +235,7 @@ def probe_image_uri(frame: NetworkFrame, probe: int) -> str:
             img = img[..., None]
         if img.shape[-1] == 1:
             img = np.repeat(img, 3, axis=-1)
-        return png_data_uri(img[..., :3].astype(np.uint8))
+        return png_data_uri(display_images(img[None])[0])
 
     return _SPRITES.get_or(("probe", id(frame.probe_images), frame.probe_images.shape, probe), make)
 

@@ -10,7 +10,7 @@ import panel as pn
 import param
 from panel.viewable import Viewer
 
-from ..render import sprite
+from ..render import display_images, sprite
 from ._component import HTMLView, RenderCache
 
 _THUMBS = RenderCache(32)
@@ -97,7 +97,7 @@ class ProbeChooser(Viewer):
         if imgs.shape[-1] == 1:
             imgs = np.repeat(imgs, 3, axis=-1)
         key = (imgs.shape, zlib.crc32(np.ascontiguousarray(imgs).tobytes()))
-        sp = _THUMBS.get_or(key, lambda: sprite(imgs[..., :3].astype(np.uint8)).css())
+        sp = _THUMBS.get_or(key, lambda: sprite(display_images(imgs)).css())
         labels = np.asarray(self.labels) if self.labels is not None else np.zeros(len(imgs), int)
         names = [self.class_names[int(k)] if 0 <= int(k) < len(self.class_names) else str(int(k))
                  for k in labels]
