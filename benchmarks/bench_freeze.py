@@ -13,7 +13,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, table  # noqa: E402
 
-VARIANTS = {"none": [], "conv1": ["conv1"], "conv1+conv2": ["conv1", "conv2"]}
+CHAIN_VARIANTS = {"none": [], "conv1": ["conv1"], "conv1+conv2": ["conv1", "conv2"]}
+#: resnet20: the stem and stage 1 (three basic blocks at 16 filters) are conv1..conv7
+RESNET_VARIANTS = {"none": [], "stage 1": [f"conv{i}" for i in range(1, 8)]}
+
+
+def variants_of(model: str) -> dict[str, list[str]]:
+    return RESNET_VARIANTS if model == "resnet20" else CHAIN_VARIANTS
 
 
 def freeze_experiment(store, model: str, train_size: int, fork_epoch: int, epochs: int, rounds: int) -> list[dict]:
@@ -24,24 +30,31 @@ def freeze_experiment(store, model: str, train_size: int, fork_epoch: int, epoch
     cfg = TrainConfig(model=model, epochs=fork_epoch, train_size=train_size, val_size=1000, seed=0,
                       name=f"{model}-root", embeddings=True)
     root = train(cfg, store, progress=False)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    acc: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
+    variants = variants_of(model)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    ratios: dict[str, list[float]] = {v: [] for v in variants}
+    acc: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(variants)
     for r in range(rounds):  # A B C, then C B A: side by side, drift cancels
+        this_round: dict[str, float] = {}
         for variant in order if r % 2 == 0 else order[::-1]:
-            changes = [parse("freeze", [layer]) for layer in VARIANTS[variant]]
+            changes = [parse("freeze", [layer]) for layer in variants[variant]]
             child = fork(store, root.run_id, fork_epoch, changes=changes, epochs=fork_epoch + epochs,
                          name=f"{model}-{variant}-r{r}", progress=False)
             m = store.sql(f"SELECT epoch, duration_s, val_accuracy FROM epochs WHERE run_id='{child.run_id}' "
                           f"AND epoch > {fork_epoch} ORDER BY epoch")
             # the first epoch after the fork includes tracing the step: time the later ones
-            times[variant].extend(m.duration_s.tolist()[1:] or m.duration_s.tolist())
+            timed = m.duration_s.tolist()[1:] or m.duration_s.tolist()
+            times[variant].extend(timed)
+            this_round[variant] = median(timed)
             acc[variant].append(float(m.val_accuracy.iloc[-1]))
-    base = median(times["none"])
+        for v in variants:  # the ratio within a round: both arms ran side by side
+            ratios[v].append(this_round[v] / this_round["none"])
     return [
-        {"model": model, "frozen": v, "epoch_s": median(times[v]), "ratio": median(times[v]) / base,
+        {"model": model, "frozen": v, "epoch_s": median(times[v]), "ratio": median(ratios[v]),
+         "ratio_min": min(ratios[v]), "ratio_max": max(ratios[v]), "samples": len(ratios[v]),
          "final_val_acc": median(acc[v])}
-        for v in VARIANTS
+        for v in variants
     ]
 
 
@@ -101,15 +114,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-size", type=int, default=4000)
     p.add_argument("--epochs", type=int, default=2, help="epochs per fork after the fork point")
     p.add_argument("--fork-epoch", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--models", default="convnetjs,revacnn")
+    p.add_argument("--rounds", type=int, default=5, help="alternated rounds (samples per arm)")
+    p.add_argument("--models", default="convnetjs,revacnn,resnet20")
+    p.add_argument("--resnet-train-size", type=int, default=1000)
     args = p.parse_args(argv)
     import revacnn
 
     store = revacnn.open_store(Path(tempfile.mkdtemp(prefix="revacnn-freeze-")) / "store")
     rows = []
     for model in args.models.split(","):
-        rows += freeze_experiment(store, model, args.train_size, args.fork_epoch, args.epochs, args.rounds)
+        size = args.resnet_train_size if model == "resnet20" else args.train_size
+        rows += freeze_experiment(store, model, size, args.fork_epoch, args.epochs, args.rounds)
+        print(table(rows[-len(variants_of(model)):]), flush=True)
     print(table(rows))
     lat = command_latency(store)
     print(table([lat]))
