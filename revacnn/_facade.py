@@ -22,17 +22,20 @@ if TYPE_CHECKING:
 
 
 def fork(self: Run, epoch: int, *, changes: Any = (), epochs: int | None = None, lr: float | None = None,
-         name: str | None = None, progress: bool = False) -> Run:
+         name: str | None = None, progress: bool = False, **kwargs: Any) -> Run:
     """Branch a new run from ``epoch`` with steering ``changes`` applied there; see `revacnn.trainer.fork`.
+
+    Further keyword arguments (``data=``, ``callbacks=``, ``batch_size=``, ``auto_freeze=`` …) go
+    to `revacnn.trainer.fork` unchanged: a run trained on the user's own data needs it again.
 
     Example:
         >>> from revacnn.steering import parse
-        >>> child = run.fork(2, changes=[parse("freeze", ["conv1"])])
+        >>> child = run.fork(2, changes=[parse("freeze", ["conv1"])], data=((x, y), (xv, yv)))
     """
     from .trainer import fork as _fork
 
     return _fork(self.store, self.run_id, epoch, changes=changes, epochs=epochs, lr=lr, name=name,
-                 progress=progress)
+                 progress=progress, **kwargs)
 
 
 def steer(self: Run, op: str, *args: Any, wait: bool = True, timeout_s: float = 30.0,

@@ -8,7 +8,6 @@ import numpy as np
 
 import revacnn
 from revacnn.steering import parse
-from revacnn.trainer import fork
 
 from ..conftest import tiny_cnn
 
@@ -41,8 +40,7 @@ def test_killed_filter_reads_dead_and_frozen_layer_reads_converged(tmp_path, ker
         assert np.all(rec.activations[:, i] == 0)
         assert rec.grad_l1[i] <= 1e-3 * max(float(np.median(rec.grad_l1)), 1e-30)
 
-    child = fork(store, run.run_id, 1, changes=[parse("freeze", ["conv1"])], epochs=3,
-                 progress=False, data=((x, y), (xv, yv)))
+    child = run.fork(1, changes=[parse("freeze", ["conv1"])], epochs=3, data=((x, y), (xv, yv)))
     c = store.sql(f"SELECT epoch, layer, kind, suggestion FROM diagnoses "
                   f"WHERE run_id = '{child.run_id}' AND kind = 'converged' ORDER BY epoch")
     frozen = c[c.layer == "conv1"]
