@@ -88,9 +88,36 @@ def per_filter_l1(rec: RecordedLayer, g_kernel: tf.Tensor, g_bias: tf.Tensor | N
     return g
 
 
+def own_normalizers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The BatchNormalization layers that normalize ``layer``'s output and nothing else.
+
+    A frozen conv leaves its BatchNorm's scale and offset out of the gradient too: the conv+BN unit
+    then computes a fixed function of its input (up to the moving statistics), and backpropagation
+    below a frozen stage stops, which is what makes freezing a stage of a residual net save time.
+    """
+    out = []
+    try:
+        for node in getattr(layer, "_outbound_nodes", []):
+            op = getattr(node, "operation", None)
+            if not isinstance(op, keras.layers.BatchNormalization) or op in out:
+                continue
+            # every call of the BN (a model built twice, a clone) takes this layer's output alone
+            parents = [p.operation for n in op._inbound_nodes for p in n.parent_nodes]
+            if parents and all(p is layer for p in parents):
+                out.append(op)
+    except Exception:  # a graph Keras does not expose: freeze the layer alone
+        return []
+    return out
+
+
 def trainable_split(model: keras.Model, specs: Sequence[LayerSpec]) -> list[Any]:
-    """The trainable variables that get gradients: all of the model's but the frozen layers'."""
-    frozen = {id(v) for s in specs if s.frozen for v in s.layer.trainable_variables}
+    """The trainable variables that get gradients: all of the model's but the frozen layers'
+    (a frozen layer's own BatchNorm included, see `own_normalizers`)."""
+    frozen = set()
+    for s in specs:
+        if s.frozen:
+            frozen |= {id(v) for v in s.layer.trainable_variables}
+            frozen |= {id(v) for bn in own_normalizers(s.layer) for v in bn.trainable_variables}
     return [v for v in model.trainable_variables if id(v) not in frozen]
 
 
