@@ -19,6 +19,7 @@ from .theme import MEASURE_LABELS, PAGE_CSS, make_template, status_badge
 from .views._component import run_locked
 from .views.compare import CompareView, default_pair
 from .views.curves import CurvesView
+from .views.doctor import DoctorPanel, fork_command_line
 from .views.embedding import EmbeddingView
 from .views.events import EventLog
 from .views.filter_detail import FilterDetail
@@ -99,6 +100,10 @@ class ReplayApp(Viewer):
         self.network = NetworkView(width_per_layer=250)
         self.patterns = PatternIndicators()
         self.detail = FilterDetail(kernel_loader=self._kernel)
+        self.doctor = DoctorPanel(action="show the fork command for this epoch")
+        self.doctor_fork = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["rv-doctor-fork"],
+                                        visible=False)
+        self.doctor.param.watch(self._on_doctor, "request")
         self._views: dict[str, Any] = {}
         self._pair: tuple[str | None, str | None] = (None, None)
         self._tab_cols = {name: pn.Column(sizing_mode="stretch_width", css_classes=[f"rv-tab-{name.lower()}"])
@@ -120,6 +125,9 @@ class ReplayApp(Viewer):
                 pn.Row(pn.Column(pn.pane.HTML("<b>Filter detail</b>"), self.detail, sizing_mode="stretch_width"),
                        pn.Column(pn.pane.HTML("<b>Pattern indicators</b>"), self.patterns, width=400),
                        sizing_mode="stretch_width"),
+                pn.pane.HTML("<b>Doctor</b> <span style='color:var(--rv-muted);font-size:11px'>findings "
+                             "at this epoch; a fix gives the fork that applies it</span>"),
+                self.doctor, self.doctor_fork,
                 sizing_mode="stretch_width", css_classes=["rv-tab-network"])),
             *((name, self._tab_cols[name]) for name in LAZY_TABS),
             dynamic=False, sizing_mode="stretch_width", css_classes=["rv-tabs"],
@@ -395,6 +403,7 @@ class ReplayApp(Viewer):
                                      class_names=bundle.class_names)
             self.patterns.layers = bundle.layers
             self.detail.history = bundle.filters
+            self.doctor.diagnoses = bundle.diagnoses
             if choose_epoch:
                 self._pair = default_pair(self.picker.rows, bundle.run_id)
             for name in LAZY_TABS:
@@ -507,6 +516,10 @@ class ReplayApp(Viewer):
             self.probes.probabilities = frame.probabilities
             self.detail.param.update(frame=frame, probe=self.probe)
             self.patterns.epoch = frame.epoch
+            if self.doctor.epoch != frame.epoch:
+                self.doctor_fork.visible = False
+            self.doctor.epoch = frame.epoch
+            self.network.findings = self.doctor.rows()
             for name in LAZY_TABS:
                 self._push_frame(name)
             self._header(frame)
@@ -577,6 +590,23 @@ class ReplayApp(Viewer):
         if name == "SQL" and self.sql.result is None and self.sql.error is None and not self._sql_started:
             self._sql_started = True
             pn.state.execute(self.sql.run)
+
+    def _on_doctor(self, event: Any) -> None:
+        """A click on a finding's fix: the replay page cannot train, so it gives the fork command."""
+        req, b = event.new, self.bundle
+        if not req or b is None or self.epoch is None:
+            return
+        try:
+            line = fork_command_line(str(self.data.path), b.run_id, self.epoch, req)
+        except (RevacnnError, KeyError, TypeError, ValueError) as exc:
+            self.doctor_fork.object = _message_html(html.escape(str(exc)), "warn")
+        else:
+            self.doctor_fork.object = _message_html(
+                "Fork this run at this epoch with that fix by running (the replay page does not "
+                "start trainings; the live page's fork form does):"
+                f"<pre class='rv-fork-cmd' style='user-select:all;white-space:pre-wrap;margin:6px 0 0 0'>"
+                f"{html.escape(line)}</pre>", "info")
+        self.doctor_fork.visible = True
 
     def _kernel(self, layer: str) -> np.ndarray | None:
         if self.bundle is None or self.epoch is None:

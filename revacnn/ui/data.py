@@ -326,6 +326,7 @@ class RunBundle:
         filters: the ``filters`` rows of the full history.
         layers: the ``layers`` rows of the full history.
         events: steering events of the full history, with an ``inherited`` column.
+        diagnoses: the filter doctor's findings (``diagnoses`` rows) of the full history.
         marks: fork points and steering events for the player: dicts with ``epoch``, ``kind``
             (``fork``, ``event``, ``rejected``, ``child``) and ``label``.
         lineage: the run ids from the root down to this run.
@@ -354,6 +355,7 @@ class RunBundle:
     probe_labels: np.ndarray
     class_names: list[str]
     stamp: tuple[Any, ...] = ()
+    diagnoses: pd.DataFrame = field(default_factory=pd.DataFrame)
     _by_epoch_layer: dict[tuple[int, str], dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     _spans: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict, repr=False)
     _order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
@@ -817,12 +819,19 @@ class ReplayData:
         sources: dict[str, list[int]], stamp: tuple[Any, ...],
     ) -> RunBundle:
         store = self.store
-        frames: dict[str, list[pd.DataFrame]] = {"epochs": [], "filters": [], "layers": []}
+        frames: dict[str, list[pd.DataFrame]] = {"epochs": [], "filters": [], "layers": [], "diagnoses": []}
         for src, epochs in sources.items():
             committed = tuple(store.run(src).epochs())
             for t in frames:
-                df = self._table(src, t, committed)
-                frames[t].append(df[df["epoch"].isin(epochs)])
+                try:
+                    df = self._table(src, t, committed)
+                except (KeyError, OSError) as exc:  # a store written before that table existed
+                    if t != "diagnoses":
+                        raise
+                    log.debug("no diagnoses for %s: %s", src, exc)
+                    continue
+                if "epoch" in df:
+                    frames[t].append(df[df["epoch"].isin(epochs)])
 
         def cat(parts: list[pd.DataFrame]) -> pd.DataFrame:
             parts = [p for p in parts if len(p)]
@@ -895,6 +904,7 @@ class ReplayData:
             filters=cat(frames["filters"]),
             layers=cat(frames["layers"]),
             events=events,
+            diagnoses=cat(frames["diagnoses"]),
             marks=sorted(marks, key=lambda m: m["epoch"]),
             lineage=[r.run_id for r in lineage],
             probe_images=images,
@@ -1090,6 +1100,24 @@ class ReplayData:
                         self._prefetching.discard(key)
 
                 self._pool.submit(job)
+
+    def diagnoses(self, run_id: str, epoch: int | None = None) -> pd.DataFrame:
+        """The filter doctor's findings of ``run_id``'s history (a fork's include its ancestors').
+
+        Read from the ``diagnoses`` Parquet tables of each run of the lineage, for the epochs that
+        run recorded in the history (`Run.history`), like every other table of a `RunBundle`.
+
+        Args:
+            run_id: the run.
+            epoch: only this epoch's rows (default: all).
+
+        Example:
+            >>> ReplayData.shared("store").diagnoses(run_id, epoch=3)[["layer", "kind"]]
+        """
+        df = self.bundle(run_id).diagnoses
+        if epoch is not None and len(df):
+            df = df[df["epoch"] == int(epoch)]
+        return df
 
     def kernel(self, bundle: RunBundle, epoch: int, layer: str) -> np.ndarray | None:
         """The ``(F, kh, kw, c)`` kernel of ``layer`` at ``epoch`` (read on demand), or None."""

@@ -35,6 +35,7 @@ from .feed import TERMINAL, FeedState, RunFeed
 from .launcher import ForkForm, StartRunForm
 from .theme import MEASURE_LABELS, PAGE_CSS, make_template, status_badge
 from .views.curves import BatchCurvesView, CurvesView, event_x
+from .views.doctor import DoctorPanel, suggestion_command
 from .views.embedding import EmbeddingView
 from .views.events import EventLog
 from .views.network import NetworkView
@@ -215,6 +216,9 @@ class LiveApp(pn.viewable.Viewer):
         # the replay page's views
         self.network = NetworkView(measure="act_mean", empty_message="Waiting for the first snapshot of the run…")
         self.network.param.watch(self._tile_clicked, "clicks")
+        self.doctor = DoctorPanel(enabled=allowed, action="send this command to the trainer")
+        self.doctor.param.watch(self._on_doctor, "request")
+        self.doctor_note = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["rv-doctor-note"])
         self._embedding: EmbeddingView | None = None  # built when its tab is first shown (faster load)
         self._curves: CurvesView | None = None
         self._embedding_tab = pn.Column(sizing_mode="stretch_width")
@@ -241,7 +245,11 @@ class LiveApp(pn.viewable.Viewer):
                 pn.Row(self.probe_select, self.measure_select, sizing_mode="stretch_width"),
                 pn.pane.HTML("<div style='font-size:11.5px;color:var(--rv-muted)'>Click tiles to select "
                              "filters for steering (click again to unselect).</div>", margin=(0, 5)),
-                self.network, sizing_mode="stretch_width")),
+                self.network,
+                pn.pane.HTML("<b>Doctor</b> <span style='color:var(--rv-muted);font-size:11px'>findings of "
+                             "the last recorded epoch; a fix is sent to the trainer as a steering "
+                             "command</span>"),
+                self.doctor, self.doctor_note, sizing_mode="stretch_width")),
             ("Embedding", self._embedding_tab),
             ("Epoch curves", self._curves_tab),
             dynamic=False, sizing_mode="stretch_width",
@@ -438,6 +446,37 @@ class LiveApp(pn.viewable.Viewer):
             self.watcher.heat(self.feed)
         return cid
 
+    def _on_doctor(self, event: Any) -> None:
+        """A click on a finding's fix: send it to the trainer, its filters mapped to today's indices."""
+        req = event.new
+        if not req:
+            return
+        cur = effective(self.feed.state)[0] if self.feed is not None else None
+        uids = {lf.name: [int(u) for u in lf.uids] for lf in cur.layers} if cur is not None else None
+        try:
+            cmd = suggestion_command(req, uids)
+        except RevacnnError as exc:
+            self.doctor_note.param.update(object=html.escape(str(exc)), alert_type="danger", visible=True)
+            return
+        a = cmd.args
+        words = ([str(a["layer"])] if "layer" in a else []) + [str(int(i)) for i in a.get("indices", [])]
+        if "n" in a:
+            words.append(str(int(a["n"])))
+        if "init" in a:
+            words.append(str(a["init"]))
+        if "lr" in a:
+            words.append(repr(float(a["lr"])))
+        label = " ".join([cmd.op, *words])
+        cid = self.steering.send(cmd.op, words)
+        if cid is None:
+            self.doctor_note.param.update(object=f"Not sent: <code>{html.escape(label)}</code> (see the "
+                                                 "steering panel for why).", alert_type="danger", visible=True)
+        else:
+            self.doctor_note.param.update(
+                object=f"Sent <code>{html.escape(label)}</code> to the trainer; its event (applied or "
+                       "rejected) appears in the steering panel and the event log.",
+                alert_type="info", visible=True)
+
     # ------------------------------------------------------------------ selection
     def _toggle(self, layer: str, uid: int) -> None:
         """Add the filter ``uid`` of ``layer`` to the steering selection, or remove it."""
@@ -530,6 +569,8 @@ class LiveApp(pn.viewable.Viewer):
                                               inherited_upto=b.fork_epoch if b.parent_run_id else None,
                                               epoch=b.epochs[-1] if b.epochs else None)
                 self.batch_curves.metrics = b.metrics
+                self.doctor.param.update(diagnoses=b.diagnoses, epoch=b.epochs[-1] if b.epochs else None)
+                self.network.findings = self.doctor.rows()
                 if self._embedding is not None:
                     self._embedding.history = b.filters
                 self._set_probes(b)

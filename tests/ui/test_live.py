@@ -444,3 +444,74 @@ def test_launcher_reads_run_id_and_reports_failures(tmp_path, monkeypatch):
     fork.w_freeze.value = ["conv1"]
     fork.start()
     assert fork.poll() == "run-123-abc"
+
+
+def _dead(w: RunWriter, epoch: int, index: int, uid: int) -> dict:
+    sug = {"op": "reinit-filters", "args": {"layer": "conv2", "indices": [index]}, "filter_uids": [uid]}
+    return {"run_id": w.run_id, "epoch": epoch, "layer": "conv2", "filter_uid": uid, "filter": index,
+            "kind": "dead", "score": 1.0, "suggestion": json.dumps(sug),
+            "message": f"conv2 filter {index} (uid {uid}) is dead"}
+
+
+def _doctor_run(root: Path) -> tuple[object, RunWriter]:
+    """A run whose epoch 0 has two dead conv2 filters (uids 0 and 3) and a converged conv1."""
+    store = open_store(root)
+    rng = np.random.default_rng(0)
+    sid = create_session(store, dataset="shapes", model="tiny", probe_images=rng.integers(0, 255, (2, 8, 8, 3)),
+                         probe_labels=np.array([0, 1]), probe_indices=[0, 1], class_names=["a", "b"],
+                         config={})
+    w = RunWriter.create(store, session_id=sid, config={"epochs": 5, "model": "tiny"}, name="doc")
+    conv = {"run_id": w.run_id, "epoch": 0, "layer": "conv1", "filter_uid": None, "filter": None,
+            "kind": "converged", "score": 0.99, "message": "conv1 stopped changing",
+            "suggestion": json.dumps({"op": "freeze", "args": {"layer": "conv1"}})}
+    w.write_rows("diagnoses", 0, [_dead(w, 0, 0, 0), _dead(w, 0, 3, 3), conv])
+    _commit(w, 0, rng)
+    return store, w
+
+
+def test_live_doctor_sends_fixes_with_current_indices_and_refuses_gone_filters(tmp_path):
+    store, w = _doctor_run(tmp_path / "store")
+    # since the finding, conv2's uid 0 was deleted: uid 3 is now at index 2
+    uids = {"conv1": [0, 1, 2, 3], "conv2": [1, 2, 3, 4, 5], "dense1": [0, 1]}
+    _snapshot(w, epoch=1, batch=3, uids=uids)
+    assert len(ReplayData.shared(store.root).diagnoses(w.run_id, epoch=0)) == 3
+    app = LiveApp(store_path=str(store.root), run_id=w.run_id)
+    try:
+        _wait(lambda: (app.refresh() or True) and app.network.frame is not None and len(app.doctor.rows()) == 3)
+        layers = {L["name"]: L for L in app.network.render_data()["layers"]}
+        assert [b["kind"] if b else None for b in layers["conv2"]["badges"]] == [None, None, "dead", None, None]
+        assert [b["kind"] for b in layers["conv1"]["layer_badges"]] == ["converged"]
+        rows = app.doctor.rows()
+        i_gone = next(i for i, r in enumerate(rows) if r["uid"] == 0)
+        i_ok = next(i for i, r in enumerate(rows) if r["uid"] == 3)
+        app.doctor._table.clicked = f"{i_gone}|1"
+        assert "uid 0" in app.doctor_note.object and "gone" in app.doctor_note.object
+        assert not list(store.layout.commands_dir(w.run_id).glob("*.json"))
+        app.doctor._table.clicked = f"{i_ok}|2"
+        queued = list(store.layout.commands_dir(w.run_id).glob("*.json"))
+        assert len(queued) == 1
+        sent = json.loads(queued[0].read_text())
+        assert sent["op"] == "reinit-filters" and sent["args"] == {"layer": "conv2", "indices": [2]}
+        _answer_commands(w)
+        _wait(lambda: (app.refresh() or True) and "applied" in app.steering.result.object)
+        assert "reinit-filters conv2 2" in app.steering.result.object
+    finally:
+        app.close()
+
+
+def test_replay_doctor_gives_the_fork_command_and_badges_the_network(tmp_path):
+    from revacnn.ui.apps import ReplayApp
+
+    store, w = _doctor_run(tmp_path / "store")
+    w.set_status("finished")
+    app = ReplayApp(str(store.root))
+    app.show_sync(w.run_id, 0)
+    rows = app.doctor.rows()
+    assert sorted(r["kind"] for r in rows) == ["converged", "dead", "dead"]
+    layers = {L["name"]: L for L in app.network.render_data()["layers"]}
+    assert [b["kind"] if b else None for b in layers["conv2"]["badges"]] == [
+        "dead", None, None, "dead", None, None]
+    app.doctor._table.clicked = f"{next(i for i, r in enumerate(rows) if r['uid'] == 3)}|1"
+    assert app.doctor_fork.visible
+    assert (f"revacnn fork {w.run_id} --store {store.root} --epoch 0 --reinit-filters conv2:3"
+            in app.doctor_fork.object)

@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import json
+import shlex
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -21,6 +23,8 @@ import panel as pn
 import param
 from panel.viewable import Viewer
 
+from ...errors import SteeringError
+from ...steering.commands import OPS, Command
 from ._component import HTMLView
 
 #: badge colour per kind (the theme's palette: red = broken, amber = wasteful, blue = done)
@@ -82,6 +86,82 @@ def command_text(suggestion: dict[str, Any]) -> str:
     if "lr" in args:
         words.append(f"{float(args['lr']):g}")
     return " ".join(words)
+
+
+def suggestion_command(suggestion: Mapping[str, Any],
+                       uids: Mapping[str, Sequence[int]] | None = None) -> Command:
+    """The steering `Command` of a suggestion, with its filters mapped to today's indices.
+
+    A suggestion names its filters by index at the finding's epoch and, where it has them, by
+    ``filter_uids``. Indices shift when filters are added or deleted, so with ``uids`` (each
+    layer's current filter uids, in index order) the uids are mapped to current indices. Keys
+    that are not the op's arguments (``filter_uids``, ``duplicate_of``, ``finding``) are dropped.
+
+    Raises:
+        SteeringError: unknown op, or a filter of the finding is gone (the message names its uid).
+
+    Example:
+        >>> suggestion_command({"op": "reinit-filters", "args": {"layer": "conv2", "indices": [3]},
+        ...                     "filter_uids": [40]}, {"conv2": [10, 40, 41]}).args
+        {'layer': 'conv2', 'indices': [1]}
+    """
+    op = suggestion.get("op")
+    if op not in OPS:
+        raise SteeringError(f"The doctor suggested an unknown op. Received: op={op!r} "
+                            f"(expected one of {', '.join(OPS)})")
+    raw = suggestion.get("args") or {}
+    args = {k: v for k, v in raw.items() if k in OPS[op] or (op == "add-filters" and k == "init")}
+    want = suggestion.get("filter_uids")
+    if "indices" in OPS[op] and want and uids is not None:
+        layer = args.get("layer")
+        current = [int(u) for u in uids.get(layer, [])] if layer in uids else None
+        if current is None:
+            raise SteeringError(f"Cannot apply {command_text(suggestion)}: layer {layer!r} is not in the "
+                                f"network any more (layers now: {', '.join(map(str, uids)) or 'none'})")
+        gone = [int(u) for u in want if int(u) not in current]
+        if gone:
+            raise SteeringError(
+                f"Cannot apply {command_text(suggestion)}: filter uid {', '.join(map(str, gone))} of "
+                f"{layer} is gone (deleted since the finding); nothing was sent")
+        args["indices"] = [current.index(int(u)) for u in want]
+    return Command(op=str(op), args=args)
+
+
+#: fork options of `revacnn fork` per op (how a suggestion becomes a fork's change)
+_FORK_FLAGS = {"freeze": "--freeze", "freeze-filters": "--freeze-filters",
+               "delete-filters": "--delete-filters", "reinit-filters": "--reinit-filters",
+               "add-filters": "--add-filters", "set-lr": "--lr"}
+
+
+def fork_command_line(store: str, run_id: str, epoch: int, suggestion: Mapping[str, Any]) -> str:
+    """The ``revacnn fork`` command line that branches ``run_id`` at ``epoch`` with the suggestion.
+
+    The indices are those of the finding's epoch, which is the fork point, so they need no mapping.
+
+    Raises:
+        SteeringError: the op has no fork option (pause, resume, stop, unfreeze …).
+
+    Example:
+        >>> fork_command_line("store", "run-1", 3, {"op": "reinit-filters",
+        ...                   "args": {"layer": "conv2", "indices": [3]}})
+        'revacnn fork run-1 --store store --epoch 3 --reinit-filters conv2:3'
+    """
+    op = suggestion.get("op")
+    args = suggestion.get("args") or {}
+    flag = _FORK_FLAGS.get(str(op))
+    if flag is None:
+        raise SteeringError(f"A fork cannot apply {op!r}. Received: {command_text(dict(suggestion))} "
+                            f"(a fork takes {', '.join(_FORK_FLAGS)})")
+    if op == "freeze":
+        value = str(args["layer"])
+    elif op == "set-lr":
+        value = f"{float(args['lr']):g}"
+    elif op == "add-filters":
+        value = f"{args['layer']}:{int(args['n'])}"
+    else:
+        value = f"{args['layer']}:{','.join(str(int(i)) for i in args['indices'])}"
+    words = ["revacnn", "fork", run_id, "--store", store, "--epoch", str(int(epoch)), flag, value]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _suggestion(raw: Any) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from ..data import MEASURES, LayerFrame, NetworkFrame
 from ..render import activation_rgb, display_images, kernel_rgb, png_data_uri, sprite
 from ..theme import MEASURE_COLORS, MEASURE_LABELS
 from ._component import HTMLView, RenderCache, signature
+from .doctor import KIND_COLORS
 
 _SPRITES = RenderCache(512)
 
@@ -40,6 +41,10 @@ _CSS = """
 .rv-flag.rv-f-added { background:var(--rv-added); }
 .rv-tile.rv-deleted { background:transparent; outline:1px dashed var(--rv-deleted); cursor:default;
   display:flex; align-items:center; justify-content:center; color:var(--rv-deleted); font-weight:700; }
+.rv-tile .rv-doc-dot { position:absolute; top:-4px; left:-4px; width:9px; height:9px; border-radius:50%;
+  border:1.5px solid var(--rv-card, #fff); pointer-events:none; z-index:4; }
+.rv-tile.rv-doc-flagged { outline-style:solid; outline-width:2px; }
+.rv-layer-doc { font-size:11px; color:#fff; border-radius:999px; padding:0 7px; margin-left:3px; }
 .rv-layer-frozen { font-size:11px; color:#fff; background:var(--rv-frozen); border-radius:999px; padding:0 7px; }
 .rv-layer-error { max-width:240px; font-size:12px; }
 .rv-probs { min-width:170px; }
@@ -78,11 +83,12 @@ if (!el._tips) {  // tooltips are built on hover, from the latest data (cheaper 
     if (L.amax) tip.push(`max activation on this probe: ${fmt(L.amax[i])}`);
     if (L.frozen[i]) tip.push('frozen');
     if (L.added[i]) tip.push('added at this epoch');
+    if (L.badges && L.badges[i]) tip.push(`doctor: ${L.badges[i].kind}`);
     t.title = tip.join('\n');
   });
 }
 const struct = JSON.stringify([data.message ? 1 : 0, !!data.probe_img, data.compact, data.selected_set,
-  data.layers.map((L) => [L.name, L.n, L.cols, L.tile, L.layer_frozen, L.error, L.uids, L.frozen, L.added, L.deleted, !!L.weights]),
+  data.layers.map((L) => [L.name, L.n, L.cols, L.tile, L.layer_frozen, L.error, L.uids, L.frozen, L.added, L.deleted, !!L.weights, L.badges, L.layer_badges]),
   (data.probs || []).map((p) => [p.name, p.true])]);
 if (el._struct === struct) {
   // Same network, another epoch or probe: swap the pictures and numbers in place.
@@ -130,7 +136,8 @@ if (data.probe_img) {
 data.layers.forEach((L, j) => {
   parts.push(`<div class="rv-col rv-layer" data-layer="${E(L.name)}">`);
   parts.push(`<div class="rv-col-title">${E(L.name)} <span class="rv-col-sub">${L.n} filters</span>
-     ${L.layer_frozen ? '<span class="rv-layer-frozen">frozen</span>' : ''}</div>`);
+     ${L.layer_frozen ? '<span class="rv-layer-frozen">frozen</span>' : ''}${(L.layer_badges || []).map((b) =>
+       `<span class="rv-layer-doc" data-kind="${E(b.kind)}" style="background:${b.color}" title="doctor: ${E(b.kind)}">${E(b.kind)}</span>`).join('')}</div>`);
   if (L.error) { parts.push(`<div class="rv-alert rv-layer-error">${E(L.error)}</div></div>`); return; }
   const grids = [['acts', L.sprite, L.sig]];
   if (L.weights) grids.push(['weights', L.weights, L.wsig]);
@@ -143,12 +150,15 @@ data.layers.forEach((L, j) => {
       if (L.frozen[i]) cls.push('rv-frozen');
       if (L.added[i]) cls.push('rv-added');
       if ((data.selected_set || []).includes(`${L.name}:${L.uids[i]}`)) cls.push('rv-selected');
+      const bd = kind === 'acts' && L.badges ? L.badges[i] : null;
+      if (bd) cls.push('rv-doc-flagged');
       const w = Math.max(0, Math.min(100, 100 * (L.bar[i] ?? 0)));
+      const dot = bd ? `<span class="rv-doc-dot" data-kind="${E(bd.kind)}" style="background:${bd.color}"></span>` : '';
       const flag = L.frozen[i] && !L.layer_frozen ? '<span class="rv-flag rv-f-frozen">❄</span>'
                  : (L.added[i] ? '<span class="rv-flag rv-f-added">+</span>' : '');
-      parts.push(`<div class="${cls.join(' ')}" tabindex="0" data-j="${j}" data-i="${i}" data-kind="${kind}" data-click="${E(L.name)}:${L.uids[i]}">
+      parts.push(`<div class="${cls.join(' ')}"${bd ? ` style="outline-color:${bd.color}"` : ''} tabindex="0" data-j="${j}" data-i="${i}" data-kind="${kind}" data-click="${E(L.name)}:${L.uids[i]}">
         <div class="rv-img" style="background-image:var(--sprite);${cut(S, i, t, t)}"></div>
-        ${kind === 'acts' ? `<div class="rv-bar"><i style="width:${w.toFixed(1)}%;background:${data.measure_color}"></i></div>` : ''}${flag}</div>`);
+        ${kind === 'acts' ? `<div class="rv-bar"><i style="width:${w.toFixed(1)}%;background:${data.measure_color}"></i></div>` : ''}${flag}${dot}</div>`);
     }
     if (kind === 'acts') for (const uid of L.deleted) {
       parts.push(`<div class="rv-tile rv-deleted" style="width:${t}px;height:${t + 4}px" title="filter uid ${uid} was deleted here">✕</div>`);
@@ -172,7 +182,7 @@ parts.push('</div>');
 if (data.layers.length) {
   parts.push(`<div class="rv-legend"><span class="rv-legend-measure"><i style="background:${data.measure_color}"></i>bar: ${E(data.measure_label)} (relative to the layer's max)</span>
     <span><i style="background:var(--rv-frozen)"></i>frozen</span><span><i style="background:var(--rv-added)"></i>added this epoch</span>
-    <span><i style="border:1px dashed var(--rv-deleted)"></i>deleted</span><span>tile: activation map of the probe (click for details)</span></div>`);
+    <span><i style="border:1px dashed var(--rv-deleted)"></i>deleted</span>${data.has_findings ? '<span><i style="border-radius:50%;background:#dc2626"></i>doctor finding (see the Doctor panel)</span>' : ''}<span>tile: activation map of the probe (click for details)</span></div>`);
 }
 el.innerHTML = parts.join('');
 """
@@ -311,6 +321,9 @@ class NetworkView(Viewer):
     selected = param.Tuple(default=None, allow_None=True, length=2, doc="(layer, uid) of the clicked filter.")
     selection = param.List(default=[], item_type=str,
                            doc="'layer:uid' of more filters to highlight (the live page's steering selection).")
+    findings = param.List(default=[], item_type=dict,
+                          doc="doctor findings to badge: dicts with 'layer', 'uid' ('' or None: the "
+                              "layer) and 'kind' (e.g. `DoctorPanel.rows()`).")
     clicks = param.Integer(default=0, doc="Counts tile clicks (a click on the selected tile counts too).")
     width_per_layer = param.Integer(default=300, bounds=(80, 800), doc="Pixel budget of a layer column.")
     compact = param.Boolean(default=False, doc="Smaller probe image and probability column (side by side).")
@@ -321,7 +334,7 @@ class NetworkView(Viewer):
         self._canvas = NetworkCanvas(sizing_mode="stretch_width", css_classes=["rv-network"])
         self._canvas.param.watch(self._on_click, "clicked")
         self.param.watch(self._refresh, ["frame", "probe", "measure", "show_weights", "selected",
-                                         "selection", "width_per_layer", "empty_message", "compact"])
+                                         "selection", "width_per_layer", "empty_message", "compact", "findings"])
         self._refresh()
 
     def __panel__(self) -> pn.viewable.Viewable:
@@ -366,6 +379,18 @@ class NetworkView(Viewer):
             out["probe_img"] = probe_image_uri(f, probe)
             out["probe_title"] = f"probe {probe} · {f.class_name(label)}"
         sigs = []
+        by_uid: dict[tuple[str, int], dict[str, str]] = {}
+        by_layer: dict[str, list[dict[str, str]]] = {}
+        for d in self.findings:
+            kind = str(d.get("kind"))
+            badge = {"kind": kind, "color": KIND_COLORS.get(kind, "#64748b")}
+            uid = d.get("uid")
+            if uid is None or uid == "" or (isinstance(uid, float) and math.isnan(uid)):
+                if badge not in by_layer.setdefault(str(d.get("layer")), []):
+                    by_layer[str(d.get("layer"))].append(badge)
+            else:
+                by_uid.setdefault((str(d.get("layer")), int(uid)), badge)
+        out["has_findings"] = bool(by_uid or by_layer)
         for lf in f.layers:
             n = lf.n_filters
             cols, tile = _grid_shape(n, self.width_per_layer)
@@ -377,6 +402,8 @@ class NetworkView(Viewer):
                 "added": [bool(x) for x in (lf.added if lf.added is not None else np.zeros(n, bool))],
                 "deleted": [int(u) for u in lf.deleted],
                 "error": lf.error,
+                "badges": [by_uid.get((lf.name, int(u))) for u in lf.uids] if by_uid else None,
+                "layer_badges": by_layer.get(lf.name, []),
             }
             if lf.error is None and (lf.activations is None or not P):
                 entry["error"] = f"{lf.name}: no activation maps in this record."
