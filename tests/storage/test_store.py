@@ -210,16 +210,18 @@ def test_every_example_query_answers(store):
             df[["run_id", "epochs", "best_val_acc"]].values.tolist() == [[root, 3, 0.5], [fork, 4, 0.9]]
             and df.parent_run_id.iloc[1] == root and df.fork_epoch.iloc[1] == 2),
         "Dead filters (no gradient in the last epoch)": lambda df: (
-            sorted(df[["run_id", "filter_uid"]].values.tolist()) == [[r, u] for r in (root, fork) for u in range(3)]),
-        "Cluster and RGB patterns per layer over time": lambda df: (
-            df[["run_id", "epoch"]].values.tolist() == [[root, e] for e in range(4)] + [[fork, e] for e in (2, 3, 4)]),
+            # both sides sorted: run ids end in a random suffix, so the fork may sort first
+            sorted(df[["run_id", "filter_uid"]].values.tolist()) == sorted([r, u] for r in (root, fork) for u in range(3))),
+        "Cluster and RGB patterns per layer over time": lambda df: (  # ORDER BY run_id, layer, epoch
+            df[["run_id", "epoch"]].values.tolist() == sorted([[root, e] for e in range(4)] + [[fork, e] for e in (2, 3, 4)])),
         "Steering events": lambda df: (
             df[["run_id", "epoch", "batch", "kind", "status"]].values.tolist() == [[root, 2, 3, "freeze", "applied"]]
             and json.loads(df.args.iloc[0]) == {"layer": "conv1"}),
         "Full history of every run (forks include their ancestors)": lambda df: (
-            df[["run_id", "epoch", "source_run_id"]].values.tolist() == [[root, e, root] for e in range(4)]
-            + [[fork, 0, root], [fork, 1, root], [fork, 2, fork], [fork, 3, fork], [fork, 4, fork]]
-            and df.val_accuracy.tolist() == [0.5] * 6 + [0.9] * 3),
+            df[["run_id", "epoch", "source_run_id", "val_accuracy"]].values.tolist() == sorted(
+                [[root, e, root, 0.5] for e in range(4)]
+                + [[fork, 0, root, 0.5], [fork, 1, root, 0.5], [fork, 2, fork, 0.9], [fork, 3, fork, 0.9],
+                   [fork, 4, fork, 0.9]])),  # ORDER BY run_id (random suffixes), epoch
     }
     for title, query in EXAMPLE_QUERIES.items():
         df = store.sql(query)
