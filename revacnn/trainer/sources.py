@@ -48,6 +48,20 @@ def class_indices(y: np.ndarray) -> np.ndarray:
     return y.reshape(-1).astype(np.int64)
 
 
+def _first_examples(batches: Iterator[tuple[Any, Any]], limit: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The leading batches of ``batches`` holding at least ``limit`` examples, as numpy lists."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    n = 0
+    for x, y in batches:
+        xs.append(np.asarray(x))
+        ys.append(np.asarray(y))
+        n += len(xs[-1])
+        if n >= limit:
+            break
+    return xs, ys
+
+
 class ArraySource:
     """In-memory ``(x, y)`` arrays, as given."""
 
@@ -120,13 +134,7 @@ class DatasetSource:
             yield batch[0], batch[1]
 
     def sample(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys, n = [], [], 0
-        for x, y in self.eval_batches(0):
-            xs.append(np.asarray(x))
-            ys.append(np.asarray(y))
-            n += len(xs[-1])
-            if n >= limit:
-                break
+        xs, ys = _first_examples(self.eval_batches(0), limit)
         if not xs:
             raise ConfigError("Received: an empty tf.data.Dataset (expected (x, y) batches)")
         return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
@@ -165,13 +173,7 @@ class PyDatasetSource:
             yield b[0], b[1]
 
     def sample(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys, n = [], [], 0
-        for x, y in self.eval_batches(0):
-            xs.append(np.asarray(x))
-            ys.append(np.asarray(y))
-            n += len(xs[-1])
-            if n >= limit:
-                break
+        xs, ys = _first_examples(self.eval_batches(0), limit)
         return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
 
 

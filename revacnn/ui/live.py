@@ -121,14 +121,6 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "–" if math.isnan(f) else format(f, spec)
 
 
-def _fmt(v: Any, spec: str = ".3f") -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return "–"
-    return "–" if math.isnan(f) else format(f, spec)
-
-
 def effective(st: FeedState) -> tuple[NetworkFrame | None, bool, float | None]:
     """The frame to show: the newest one, plus what events applied since it was taken changed.
 
