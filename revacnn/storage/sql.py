@@ -1,23 +1,25 @@
-"""Read-only SQL over a store: DuckDB in memory, tables loaded from the Parquet segments."""
+"""Read-only SQL over a store: a sandboxed DuckDB whose tables are views over the Parquet files in place."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import CorruptStoreError, CorruptStoreWarning, SQLError, StoreError
-from ._schema import EVENTS_SCHEMA, SEGMENT_TABLES, ddl
-from ._tables import _conform, _corrupt_message, generation
+from ..errors import CorruptStoreWarning, SQLError, StoreError
+from ._schema import _DUCK, EVENTS_SCHEMA, SEGMENT_TABLES, ddl
+from ._tables import RunFiles, _corrupt_message, segment_epoch
 
 if TYPE_CHECKING:
     from .store import Store
@@ -88,34 +90,6 @@ def check_select(sql: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-class _FileCache:
-    """Arrow tables of Parquet files, re-read only when a file's size or mtime changes."""
-
-    def __init__(self) -> None:
-        self._cache: dict[Path, tuple[tuple[int, int], pa.Table]] = {}
-        self._lock = threading.Lock()
-
-    def read(self, path: Path, schema: pa.Schema) -> pa.Table | None:
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        key = (st.st_mtime_ns, st.st_size)
-        with self._lock:
-            hit = self._cache.get(path)
-        if hit and hit[0] == key:
-            return hit[1]
-        try:
-            t = _conform(pq.read_table(path), schema)
-        except FileNotFoundError:
-            return None
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise CorruptStoreError(_corrupt_message(path, exc)) from None
-        with self._lock:
-            self._cache[path] = (key, t)
-        return t
 
 
 def memory_bytes(limit: str) -> int:
@@ -192,137 +166,251 @@ def sandboxed_connection(
     return con
 
 
-class _Changed(Exception):
-    """The files changed generation while they were read: list and read again."""
+class _Retry(Exception):
+    """The store's files changed under a query (a compaction, a resume) or one turned out corrupt: list again."""
+
+
+#: A folder modified less than this before it was stamped is listed again on the next query: a second
+#: change within the file system's timestamp granularity would not change its stamp.
+_RACY_NS = 1_000_000_000
+_RETRIES = 50
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The files SQL reads, listed once: per table (``events`` included) the committed Parquet files.
+
+    Attributes:
+        files: per table, the files of every run, in run order.
+        runs: each run's `RunFiles` (one compaction generation), for excluding a corrupt file's epochs.
+        owner: each file's ``(run_id, table)``.
+    """
+
+    files: dict[str, list[Path]]
+    runs: dict[str, RunFiles]
+    owner: dict[Path, tuple[str, str]]
+
+    def key(self) -> tuple[tuple[str, ...], ...]:
+        """What the DuckDB views depend on: the file names, per table."""
+        return tuple(tuple(map(str, self.files[t])) for t in _SCHEMAS)
+
+
+_SCHEMAS: dict[str, pa.Schema] = {**SEGMENT_TABLES, "events": EVENTS_SCHEMA}
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _scan(paths: Sequence[Path]) -> str:
+    """``read_parquet`` over exactly ``paths`` (columns matched by name; files lacking a column give NULLs)."""
+    names = ", ".join(_sql_str(str(p)) for p in paths)
+    return f"read_parquet([{names}], union_by_name = true, hive_partitioning = false)"
+
+
+def default_threads() -> int:
+    """DuckDB worker threads for SQL: the machine's cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 2))
 
 
 class SQLEngine:
-    """Answers read-only SQL over a store.
+    """Answers read-only SQL over a store, reading the Parquet files where they lie.
 
-    Each query runs on an in-memory DuckDB database holding the store's tables, sealed by
-    `sandboxed_connection`: a query cannot read or write any file (DuckDB's temp folder
-    included), uses at most ``memory_limit`` of memory and ``timeout_s`` of time, and only
-    single SELECT statements are accepted; a result may take at most ``memory_limit`` as a
-    DataFrame too. The database is rebuilt when the store's files
-    change (new epochs, new runs) and reused otherwise.
+    The segment tables (epochs, layers, filters, predictions, diagnoses) and ``events`` are DuckDB
+    views over ``read_parquet`` of exactly the files that hold committed rows (`run_files`: one
+    compaction generation per run, per-epoch segments of a live run only once their epoch is
+    committed), so DuckDB reads only the columns and row groups a query needs (projection and
+    predicate push-down) and a live run's new epochs are visible at once. ``sessions``, ``runs``,
+    ``probes`` and the lineage behind the ``timeline`` view are small in-memory tables.
+
+    The connection is sealed by `sandboxed_connection`: queries may read those Parquet files and no
+    other file (``allowed_paths``), write none, use at most ``memory_limit`` of memory and
+    ``timeout_s`` of time, and only single SELECT statements are accepted; a result may take at
+    most ``memory_limit`` as a DataFrame too. The connection and its views are reused while the set
+    of files (checked with a few ``stat`` calls per run), the runs and the sessions are unchanged.
+
+    A file that vanishes under a query (a compaction switched generation, a resume discarded an
+    epoch) makes the query start over on a fresh listing; a corrupt file is left out with a
+    `CorruptStoreWarning`, together with its epochs' rows in every table of that run.
 
     Example:
         >>> SQLEngine(store, memory_limit="256MB").query("SELECT count(*) FROM epochs")
     """
 
     def __init__(
-        self, store: Store, *, memory_limit: str = DEFAULT_MEMORY_LIMIT
+        self, store: Store, *, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int | None = None
     ) -> None:
         self._store = store
         self._memory_limit = memory_limit
         self._max_result_bytes = memory_bytes(memory_limit)
-        self._files = _FileCache()
+        self._threads = threads or default_threads()
         self._lock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
         self._fingerprint: object = None
+        self._paths: dict[str, Path] = {}  # the files the current connection reads, by name
+        self._listed: dict[str, tuple[tuple[int, ...], RunFiles, tuple[Path, ...]]] = {}
+        self._stamp_paths: dict[str, list[str]] = {}
+        self._bad: dict[Path, tuple[tuple[int, int], str]] = {}  # corrupt files: (mtime, size), message
 
-    def _gather(self) -> tuple[dict[str, list[Path]], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    # ------------------------------------------------------------------ listing (the one place)
+    def list_files(self, run_ids: Sequence[str]) -> Snapshot:
+        """The committed Parquet files of ``run_ids``: the one place SQL lists the store's files.
+
+        Each run's files come from one compaction generation (`run_files`) and are listed again
+        only when one of the run's table folders (or its manifest) changed; a run whose files
+        cannot be listed is left out with a `CorruptStoreWarning`.
+
+        Example:
+            >>> engine.list_files(store.run_ids()).files["filters"][:1]
+            [PosixPath('store/runs/run-…/tables/filters/compact-g000001.parquet')]
+        """
+        files: dict[str, list[Path]] = {t: [] for t in _SCHEMAS}
+        runs: dict[str, RunFiles] = {}
+        owner: dict[Path, tuple[str, str]] = {}
+        for run_id in run_ids:
+            try:
+                rf, events = self._run_listing(run_id)
+            except StoreError as exc:
+                warnings.warn(f"the tables of run {run_id} are left out: {exc}", CorruptStoreWarning, stacklevel=4)
+                continue
+            runs[run_id] = rf
+            for t in SEGMENT_TABLES:
+                files[t].extend(rf.files[t])
+                owner.update((p, (run_id, t)) for p in rf.files[t])
+            files["events"].extend(events)
+            owner.update((p, (run_id, "events")) for p in events)
+        return Snapshot(files, runs, owner)
+
+    def _stamp(self, run_id: str) -> tuple[int, ...]:
+        paths = self._stamp_paths.get(run_id)
+        if paths is None:
+            lay = self._store.layout
+            tables = lay.run_dir(run_id) / "tables"
+            paths = [str(p) for p in (tables, lay.manifest(run_id), lay.events_dir(run_id),
+                                      *(lay.table_dir(run_id, t) for t in SEGMENT_TABLES))]
+            self._stamp_paths[run_id] = paths
+        out: list[int] = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+                out += (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                out += (0, 0, 0)
+        return tuple(out)
+
+    def _run_listing(self, run_id: str) -> tuple[RunFiles, tuple[Path, ...]]:
+        now = time.time_ns()
+        stamp = self._stamp(run_id)
+        hit = self._listed.get(run_id)
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        rf = self._store._run_files(run_id)
+        events = tuple(self._store._event_files(run_id))
+        if max(stamp[::3]) < now - _RACY_NS:
+            self._listed[run_id] = (stamp, rf, events)
+        else:
+            self._listed.pop(run_id, None)
+        return rf, events
+
+    # ------------------------------------------------------------------ corrupt and vanished files
+    def _usable(self, snap: Snapshot) -> tuple[dict[str, list[Path]], dict[str, set[int]]]:
+        """The files to read, without corrupt ones and their epochs' segments; the epochs left out per run."""
+        bad_files: list[Path] = []
+        for p in list(self._bad):
+            if p in snap.owner and _stat(p) == self._bad[p][0]:
+                bad_files.append(p)
+            elif p not in snap.owner:
+                del self._bad[p]  # gone (a compaction, a restore): forget it
+        if not bad_files:
+            return snap.files, {}
+        epochs: dict[str, set[int]] = {}
+        for p in bad_files:
+            run_id, table = snap.owner[p]
+            warnings.warn(self._bad[p][1], CorruptStoreWarning, stacklevel=6)
+            if table != "events":
+                epochs.setdefault(run_id, set()).update(snap.runs[run_id].epochs_of(p))
+        drop = set(bad_files)
+        files = {}
+        for t, paths in snap.files.items():
+            keep = []
+            for p in paths:
+                run_id, _ = snap.owner[p]
+                e = segment_epoch(p)
+                if p in drop or (t != "events" and e is not None and e in epochs.get(run_id, ())):
+                    continue
+                keep.append(p)
+            files[t] = keep
+        return files, epochs
+
+    def _file_trouble(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is about one of the files read (vanished: list again; corrupt: leave it out)."""
+        text = str(exc)
+        path = next((p for name, p in self._paths.items() if name in text), None)
+        if path is None:
+            return False
+        stamp = _stat(path)
+        if stamp is None:  # removed meanwhile: a compaction switched generation, or a resume
+            self._listed.clear()
+            return True
+        try:
+            pq.read_table(path)
+        except FileNotFoundError:
+            self._listed.clear()
+            return True
+        except (pa.ArrowException, OSError, ValueError) as err:
+            self._bad[path] = (stamp, _corrupt_message(path, err))
+            return True
+        return False  # pyarrow reads it: a DuckDB error, not the file's
+
+    # ------------------------------------------------------------------ the connection
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        """A locked-down connection over the store's current files (rebuilt when they changed).
+
+        Each run's tables come from one compaction generation; when a compaction switches
+        generation while the views are built, the files are listed again.
+        """
+        for _ in range(_RETRIES):
+            try:
+                return self._connection()
+            except _Retry:
+                continue
+        raise SQLError("The store kept changing while the query's tables were listed; try again")
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
         store = self._store
         runs = store.runs()
         sessions = store.sessions()
         probes = store._probe_rows()
-        files: dict[str, list[Path]] = {t: [] for t in SEGMENT_TABLES}
-        files["events"] = []
-        self._views = {}
-        for run_id in runs["run_id"]:
-            try:
-                rf = store._run_files(run_id)  # one compaction generation of the run, never a mix
-            except StoreError as exc:
-                warnings.warn(f"the tables of run {run_id} are left out: {exc}", CorruptStoreWarning,
-                              stacklevel=4)
-                continue
-            self._views[run_id] = rf
-            for t in SEGMENT_TABLES:
-                files[t].extend(rf.files[t])
-            files["events"].extend(store._event_files(run_id))
-        return files, sessions, runs, probes
-
-    def _read_all(self, files: dict[str, list[Path]], schemas: dict[str, pa.Schema]) -> dict[str, pa.Table | None]:
-        """Every table's rows; a corrupt file drops its epochs (warned); a vanished one restarts."""
-        bad: dict[str, set[int]] = {}
-        parts: dict[str, list[pa.Table]] = {}
-        for table, schema in schemas.items():
-            parts[table] = []
-            for p in files[table]:
-                try:
-                    t = self._files.read(p, schema)
-                except CorruptStoreError as exc:
-                    run_id = p.parent.parent.parent.name
-                    warnings.warn(str(exc), CorruptStoreWarning, stacklevel=5)
-                    view = self._views.get(run_id)
-                    if table != "events":
-                        bad.setdefault(run_id, set()).update(view.epochs_of(p) if view else ())
-                    continue
-                if t is None:  # removed meanwhile: a compaction switched generation, or a resume
-                    raise _Changed
-                parts[table].append(t)
-        for run_id, view in self._views.items():
-            if generation(self._store.layout, run_id) != view.generation:
-                raise _Changed
-        out: dict[str, pa.Table | None] = {}
-        for table, ps in parts.items():
-            t = pa.concat_tables(ps) if ps else None
-            if t is not None and bad and table != "events":
-                keep = None
-                for run_id, epochs in bad.items():
-                    drop = pc.and_(pc.equal(t["run_id"], run_id), pc.is_in(t["epoch"], pa.array(sorted(epochs), pa.int32())))
-                    keep = pc.invert(drop) if keep is None else pc.and_(keep, pc.invert(drop))
-                t = t.filter(keep)
-            out[table] = t
-        return out
-
-    def connection(self) -> duckdb.DuckDBPyConnection:
-        """A locked-down connection over the store's current contents (rebuilt when it changed).
-
-        Each run's tables come from one compaction generation; when a compaction switches
-        generation while the files are read, they are listed and read again.
-        """
-        for _ in range(50):
-            try:
-                return self._connection()
-            except _Changed:
-                continue
-        raise SQLError("The store kept changing while the query's tables were read; try again")
-
-    def _connection(self) -> duckdb.DuckDBPyConnection:
-        files, sessions, runs, probes = self._gather()
-        stamp = []
-        for t, paths in files.items():
-            for p in paths:
-                try:
-                    st = p.stat()
-                    stamp.append((t, str(p), st.st_mtime_ns, st.st_size))
-                except FileNotFoundError:
-                    stamp.append((t, str(p), 0, 0))
+        snap = self.list_files(list(runs["run_id"]))
         fingerprint = (
-            tuple(stamp),
+            snap.key(),
             pd.util.hash_pandas_object(runs.astype(str), index=False).sum(),
-            len(sessions),
+            pd.util.hash_pandas_object(sessions.astype(str), index=False).sum(),
             len(probes),
+            tuple(sorted((str(p), v[0]) for p, v in self._bad.items())),
         )
         with self._lock:
             if self._con is not None and fingerprint == self._fingerprint:
                 return self._con
-            schemas = dict(SEGMENT_TABLES)
-            schemas["events"] = EVENTS_SCHEMA
-
-            tables = self._read_all(files, schemas)
-            history = self._store.history_rows()
+            files, bad_epochs = self._usable(snap)
+            history = store.history_rows()
+            where = _excluding(bad_epochs)
+            paths = [p for ps in files.values() for p in ps]
+            self._paths = {str(p): p for p in paths}
 
             def load(con: duckdb.DuckDBPyConnection) -> None:
-                for table, schema in schemas.items():
-                    arrow = tables[table]
-                    if arrow is not None:
-                        con.register("_arrow", arrow)
-                        con.execute(f'CREATE TABLE "{table}" AS SELECT * FROM _arrow')
-                        con.unregister("_arrow")
-                    else:
+                for table, schema in _SCHEMAS.items():
+                    if not files[table]:
                         con.execute(ddl(table, schema))
+                        continue
+                    scan = _scan(files[table])
+                    have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
+                    cols = ", ".join(
+                        f'CAST({_col(f.name) if f.name in have else "NULL"} AS {_DUCK[f.type]}) AS {_col(f.name)}'
+                        for f in schema
+                    )
+                    cond = where if table != "events" else ""
+                    con.execute(f'CREATE VIEW "{table}" AS SELECT {cols} FROM {scan}{cond}')
                 con.register("_hist", history)
                 con.execute("CREATE TABLE _history AS SELECT * FROM _hist")
                 con.unregister("_hist")
@@ -330,15 +418,15 @@ class SQLEngine:
                     con.register("_df", df)
                     con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _df')
                     con.unregister("_df")
-                # Rows of epochs whose marker is missing were already excluded by file selection.
                 con.execute(TIMELINE_SQL)
 
             try:
-                con = sandboxed_connection(load, memory_limit=self._memory_limit)
-            except duckdb.OutOfMemoryException:
-                raise SQLError(
-                    f"The store's tables need more than the SQL memory limit of {self._memory_limit}"
-                ) from None
+                con = sandboxed_connection(load, allowed_paths=paths, memory_limit=self._memory_limit,
+                                           threads=self._threads)
+            except duckdb.Error as exc:
+                if self._file_trouble(exc):
+                    raise _Retry from None
+                raise SQLError(f"Cannot read the store's tables: {_first_line(exc)}") from None
             # The old connection is not closed here: another thread may still be reading from a
             # cursor of it; it is freed when the last reference goes.
             self._con, self._fingerprint = con, fingerprint
@@ -347,7 +435,16 @@ class SQLEngine:
     def query(self, sql: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> pd.DataFrame:
         """Run one read-only SELECT and return its rows; refused or failed queries raise `SQLError`."""
         check_select(sql)
-        cur = self.connection().cursor()
+        for _ in range(_RETRIES):
+            try:
+                return self._query(self.connection(), sql, timeout_s)
+            except _Retry:
+                with self._lock:
+                    self._con = None
+        raise SQLError("The store kept changing while the query ran; try again")
+
+    def _query(self, con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float | None) -> pd.DataFrame:
+        cur = con.cursor()
         timer = None
         if timeout_s:
             timer = threading.Timer(timeout_s, cur.interrupt)
@@ -374,14 +471,37 @@ class SQLEngine:
                 f"Query stopped: it needs more than the memory limit of {self._memory_limit} "
                 "(aggregate or filter more, or add a LIMIT)"
             ) from None
-        except duckdb.PermissionException:
+        except duckdb.PermissionException as exc:
+            if self._file_trouble(exc):  # a listed file vanished: DuckDB then tries it as a folder
+                raise _Retry from None
             raise SQLError(
                 "Queries cannot read or write files; query the store's tables "
                 f"({', '.join(TABLES)}, timeline) instead"
             ) from None
         except duckdb.Error as exc:
+            if self._file_trouble(exc):
+                raise _Retry from None
             raise SQLError(f"SQL error: {_first_line(exc)}") from None
         finally:
             if timer is not None:
                 timer.cancel()
             cur.close()
+
+
+def _col(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _excluding(epochs: dict[str, set[int]]) -> str:
+    """A WHERE clause leaving out the rows of ``epochs`` (per run), or ``""``."""
+    conds = [f"(run_id = {_sql_str(r)} AND epoch IN ({', '.join(str(int(e)) for e in sorted(es))}))"
+             for r, es in sorted(epochs.items()) if es]
+    return f" WHERE NOT coalesce({' OR '.join(conds)}, false)" if conds else ""

@@ -205,7 +205,10 @@ def test_the_sandbox_stays_sealed(in_sandbox):
         "current_setting('max_temp_directory_size') AS spill"
     ).iloc[0]
     assert not got.ext and got.locked and not got.auto
-    assert got.tmp == "" and list(got.dirs) == [] and list(got.paths) == []
+    assert got.tmp == "" and list(got.dirs) == []
+    # the only files queries may read: the runs' committed Parquet files, which the views read in place
+    committed = {str(p) for p in (st.root / "runs").rglob("*.parquet") if not p.name.startswith(".")}
+    assert set(got.paths) == committed and len(committed) == 6, got.paths
     assert got.spill.startswith("0")
     # and the store's own tables still answer
     assert st.sql("SELECT count(*) AS n FROM filters").n[0] == 9

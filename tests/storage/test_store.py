@@ -397,24 +397,26 @@ def test_commands_leave_the_queue_only_after_their_event(store):
 
 
 def test_a_compaction_between_listing_and_reading_never_shows_a_half_epoch(store, monkeypatch):
-    """The worst interleaving, made deterministic: SQL has listed a run's files and starts reading
-    them when the writer compacts the run (merges, switches, removes the old segments)."""
+    """The worst interleaving, made deterministic: SQL has listed a run's files and builds its views
+    over them when the writer compacts the run (merges, switches, removes the old segments)."""
     from revacnn.storage import sql as sql_mod
 
     _, root, _ = store.ids
     w = RunWriter(store, root)
     _epoch(w, 4)
     reader = revacnn.open_store(store.root, mode="r")
-    real = sql_mod._FileCache.read
+    real = sql_mod.SQLEngine.list_files
     fired = []
 
-    def read(self, path, schema):
-        if not fired and root in str(path):
-            fired.append(path)
-            w.compact()  # between the listing and this read
-        return real(self, path, schema)
+    def list_files(self, run_ids):
+        snap = real(self, run_ids)
+        if not fired:
+            fired.append(snap)
+            w.compact()  # between the listing and the reads: the listed segments are removed
+            assert not any(p.exists() for p in snap.files["layers"] if root in str(p))
+        return snap
 
-    monkeypatch.setattr(sql_mod._FileCache, "read", read)
+    monkeypatch.setattr(sql_mod.SQLEngine, "list_files", list_files)
     df = reader.sql(
         f"SELECT e.epoch, (SELECT count(*) FROM layers l WHERE l.run_id = e.run_id AND l.epoch = e.epoch) AS nl,"
         f" (SELECT count(*) FROM filters f WHERE f.run_id = e.run_id AND f.epoch = e.epoch) AS nf "
