@@ -274,3 +274,57 @@ def test_sandboxed_connection_can_allow_named_files(tmp_path, monkeypatch):
             con.execute(q)
     with pytest.raises(duckdb.Error):
         con.execute("SET enable_external_access = true")
+
+
+def _allowed(st) -> list[str]:
+    return list(st.sql("SELECT current_setting('allowed_paths') AS p").p[0])
+
+
+IN_PLACE = [
+    ("SELECT * FROM read_parquet('/etc/passwd')", "cannot read or write files"),
+    ("SELECT * FROM read_text('/etc/passwd')", "cannot read or write files"),
+    ("SELECT * FROM read_csv('/etc/passwd')", "cannot read or write files"),
+    ("SELECT * FROM glob('/etc/*')", "cannot read or write files"),
+    ("SELECT * FROM read_parquet('{outside}/*.parquet')", "cannot read or write files"),
+    ("SELECT * FROM read_parquet('{store}/*.parquet')", "cannot read or write files"),
+    ("SELECT * FROM read_parquet('{store}/**/*.parquet')", "cannot read or write files"),
+    ("SELECT * FROM read_parquet('{store}/runs/*/tables/filters/*.parquet')", "cannot read or write files"),
+    ("SELECT * FROM glob('{store}/runs/*')", "cannot read or write files"),
+    ("SELECT * FROM read_text('{seg_dir}/../../../run.json')", "cannot read or write files"),
+    ("SELECT * FROM read_text('{allowed}/../../../../../secret.txt')", "cannot read or write files"),
+    ("SELECT * FROM read_parquet(['{allowed}', '{store}/secret.parquet'])", "cannot read or write files"),
+    ("COPY filters TO '{allowed}' (FORMAT parquet)", "Only SELECT"),
+    ("COPY (SELECT '{t}' AS x) TO '{store}/out-{t}.parquet' (FORMAT parquet)", "Only SELECT"),
+    ("SELECT * FROM query('COPY filters TO ''{allowed}'' (FORMAT parquet)')", "SQL error"),
+]
+
+
+@pytest.mark.parametrize("query, fragment", IN_PLACE, ids=[q for q, _ in IN_PLACE])
+def test_the_views_files_are_the_only_ones_readable(in_sandbox, query, fragment):
+    """The views read the store's committed Parquet files in place; a query names no other file."""
+    st, _, outside = in_sandbox
+    allowed = sorted(p for p in _allowed(st) if p.endswith("filters/e00001.parquet"))[0]
+    seg_dir = str(Path(allowed).parent)
+    before = Path(allowed).read_bytes()
+    _refused(st, query.format(outside=outside, store=st.root, allowed=allowed, seg_dir=seg_dir, t=TOKEN), fragment)
+    assert Path(allowed).read_bytes() == before
+
+
+def test_an_uncommitted_segment_is_not_readable(tmp_path):
+    """A half-written epoch's rows lie in the run's folder, beside readable segments, but stay unreadable."""
+    st = revacnn.open_store(tmp_path / "store")
+    sid = create_session(st, dataset="toy", model="toy", probe_images=np.zeros((2, 4, 4, 3), np.uint8),
+                         probe_labels=np.array([0, 1]), probe_indices=[0, 1], class_names=["a", "b"], config={})
+    w = RunWriter.create(st, session_id=sid, config={}, name="live", durable=False)
+    for e in range(2):
+        w.write_rows("filters", e, {"run_id": [w.run_id], "epoch": [e], "layer": ["conv1"], "filter": [0],
+                                    "filter_uid": [0]})
+    w.commit(0, {"loss": 1.0})
+    half = st.layout.table_segment(w.run_id, "filters", 1)
+    assert half.exists()
+    assert st.sql("SELECT list(epoch) AS e FROM filters").e[0].tolist() == [0]
+    assert str(half) not in _allowed(st)
+    _refused(st, f"SELECT * FROM read_parquet('{half}')", "cannot read or write files")
+    w.commit(1, {"loss": 0.5})  # committed now: the view shows it, and the file is allowed
+    assert sorted(st.sql("SELECT list(epoch) AS e FROM filters").e[0].tolist()) == [0, 1]
+    assert str(half) in _allowed(st)
