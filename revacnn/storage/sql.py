@@ -202,10 +202,17 @@ def _sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _scan(paths: Sequence[Path]) -> str:
-    """``read_parquet`` over exactly ``paths`` (columns matched by name; files lacking a column give NULLs)."""
+def _scan(paths: Sequence[Path], union: bool) -> str:
+    """``read_parquet`` over exactly ``paths``.
+
+    Without ``union`` the columns are the first file's (every file the writer writes has them
+    all) and DuckDB opens each file only when it scans it; with ``union`` (files written before a
+    column existed) columns are matched by name and a file lacking one gives NULLs, but every
+    file's footer is read whenever a query is planned.
+    """
     names = ", ".join(_sql_str(str(p)) for p in paths)
-    return f"read_parquet([{names}], union_by_name = true, hive_partitioning = false)"
+    opts = "union_by_name = true, " if union else ""
+    return f"read_parquet([{names}], {opts}hive_partitioning = false)"
 
 
 def default_threads() -> int:
@@ -247,10 +254,12 @@ class SQLEngine:
         self._lock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
         self._fingerprint: object = None
-        self._paths: dict[str, Path] = {}  # the files the current connection reads, by name
+        self._paths: dict[str, tuple[Path, str]] = {}  # the files the views read: name -> (path, table)
+        self._union: set[str] = set()  # tables whose files do not all have every column
         self._listed: dict[str, tuple[tuple[int, ...], RunFiles, tuple[Path, ...]]] = {}
         self._stamp_paths: dict[str, list[str]] = {}
         self._bad: dict[Path, tuple[tuple[int, int], str]] = {}  # corrupt files: (mtime, size), message
+        self._checked: dict[Path, tuple[int, int]] = {}  # files whose Parquet frame looked whole
 
     # ------------------------------------------------------------------ listing (the one place)
     def list_files(self, run_ids: Sequence[str]) -> Snapshot:
@@ -314,7 +323,26 @@ class SQLEngine:
 
     # ------------------------------------------------------------------ corrupt and vanished files
     def _usable(self, snap: Snapshot) -> tuple[dict[str, list[Path]], dict[str, set[int]]]:
-        """The files to read, without corrupt ones and their epochs' segments; the epochs left out per run."""
+        """The files to read, without corrupt ones and their epochs' segments; the epochs left out per run.
+
+        A file not seen before (or changed) is checked first: a truncated one (its ``PAR1`` frame
+        broken) is corrupt. Damage inside a whole frame shows when a query reads it (`_file_trouble`).
+        """
+        for p in snap.owner:
+            stamp = _stat(p)
+            if stamp is None or self._checked.get(p) == stamp:
+                continue
+            if p in self._bad:
+                if self._bad[p][0] == stamp:
+                    continue
+                del self._bad[p]  # rewritten (restored from a backup?): check it again
+            problem = _frame_problem(p, stamp[1])
+            if problem:
+                self._bad[p] = (stamp, _corrupt_message(p, ValueError(problem)))
+            else:
+                self._checked[p] = stamp
+        for p in [p for p in self._checked if p not in snap.owner]:
+            del self._checked[p]
         bad_files: list[Path] = []
         for p in list(self._bad):
             if p in snap.owner and _stat(p) == self._bad[p][0]:
@@ -345,9 +373,12 @@ class SQLEngine:
     def _file_trouble(self, exc: BaseException) -> bool:
         """Whether ``exc`` is about one of the files read (vanished: list again; corrupt: leave it out)."""
         text = str(exc)
-        path = next((p for name, p in self._paths.items() if name in text), None)
+        path, table = next((v for name, v in self._paths.items() if name in text), (None, ""))
         if path is None:
             return False
+        if "union_by_name" in text and table not in self._union:  # a file lacks one of the columns
+            self._union.add(table)
+            return True
         stamp = _stat(path)
         if stamp is None:  # removed meanwhile: a compaction switched generation, or a resume
             self._listed.clear()
@@ -382,29 +413,37 @@ class SQLEngine:
         sessions = store.sessions()
         probes = store._probe_rows()
         snap = self.list_files(list(runs["run_id"]))
-        fingerprint = (
+        base = (
             snap.key(),
             pd.util.hash_pandas_object(runs.astype(str), index=False).sum(),
             pd.util.hash_pandas_object(sessions.astype(str), index=False).sum(),
             len(probes),
-            tuple(sorted((str(p), v[0]) for p, v in self._bad.items())),
         )
+
+        def fingerprint() -> tuple[object, ...]:  # and what was learnt about the files
+            return (*base, tuple(sorted((str(p), v[0]) for p, v in self._bad.items())), tuple(sorted(self._union)))
+
         with self._lock:
-            if self._con is not None and fingerprint == self._fingerprint:
+            if self._con is not None and fingerprint() == self._fingerprint:
                 return self._con
             files, bad_epochs = self._usable(snap)
             history = store.history_rows()
             where = _excluding(bad_epochs)
             paths = [p for ps in files.values() for p in ps]
-            self._paths = {str(p): p for p in paths}
+            self._paths = {str(p): (p, t) for t, ps in files.items() for p in ps}
 
             def load(con: duckdb.DuckDBPyConnection) -> None:
                 for table, schema in _SCHEMAS.items():
                     if not files[table]:
                         con.execute(ddl(table, schema))
                         continue
-                    scan = _scan(files[table])
+                    union = table in self._union
+                    scan = _scan(files[table], union)
                     have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
+                    if not union and not set(schema.names) <= have:  # the first file lacks a column
+                        self._union.add(table)
+                        scan = _scan(files[table], True)
+                        have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
                     cols = ", ".join(
                         f'CAST({_col(f.name) if f.name in have else "NULL"} AS {_DUCK[f.type]}) AS {_col(f.name)}'
                         for f in schema
@@ -429,7 +468,7 @@ class SQLEngine:
                 raise SQLError(f"Cannot read the store's tables: {_first_line(exc)}") from None
             # The old connection is not closed here: another thread may still be reading from a
             # cursor of it; it is freed when the last reference goes.
-            self._con, self._fingerprint = con, fingerprint
+            self._con, self._fingerprint = con, fingerprint()
         return con
 
     def query(self, sql: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> pd.DataFrame:
@@ -490,6 +529,26 @@ class SQLEngine:
 
 def _col(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def _frame_problem(path: Path, size: int) -> str:
+    """Why ``path`` is not a whole Parquet file (``PAR1`` at both ends, a footer that fits), or ``""``."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            if size < 12:
+                return f"{size} bytes, too small for a Parquet file"
+            fh.seek(size - 8)
+            tail = fh.read(8)
+    except FileNotFoundError:
+        return ""  # vanished: the listing is redone when a query misses it
+    except OSError as exc:
+        return str(exc)
+    if head != b"PAR1" or tail[4:] != b"PAR1":
+        return "no Parquet magic bytes: the file is truncated or not Parquet"
+    if int.from_bytes(tail[:4], "little") > size - 12:
+        return "the footer is longer than the file: truncated"
+    return ""
 
 
 def _stat(path: Path) -> tuple[int, int] | None:

@@ -213,3 +213,20 @@ def test_a_compaction_of_a_cached_run_is_seen(store):
     assert reader.sql("SELECT count(*) AS n FROM filters").n[0] == 7 * F * 2
     with pytest.raises(SQLError, match="Only SELECT"):
         reader.sql("DROP VIEW filters")
+
+
+@pytest.mark.parametrize("old", [0, 1], ids=["first-file-old", "later-file-old"])
+def test_an_older_segment_lacking_columns_reads_nulls_wherever_it_is_listed(tmp_path, old):
+    st = revacnn.open_store(tmp_path / "store", durable=False)
+    sid = create_session(st, dataset="toy", model="toy", probe_images=np.zeros((2, 4, 4, 3), np.uint8),
+                         probe_labels=np.array([0, 1]), probe_indices=[0, 1], class_names=["a", "b"], config={})
+    w = RunWriter.create(st, session_id=sid, config={}, name="r", durable=False)
+    for e in range(2):
+        _epoch_rows(w, e)
+    seg = st.layout.table_segment(w.run_id, "filters", old)
+    pq.write_table(pq.read_table(seg).drop(["act_mean"]), seg)
+    got = st.sql("SELECT epoch, act_mean, grad_l1 FROM filters ORDER BY epoch, filter_uid")
+    want = pd.concat([pq.read_table(st.layout.table_segment(w.run_id, "filters", e)).to_pandas() for e in range(2)])
+    assert got.epoch.tolist() == want.epoch.tolist() and got.grad_l1.tolist() == want.grad_l1.tolist()
+    assert got[got.epoch == old].act_mean.isna().all()
+    assert got[got.epoch != old].act_mean.tolist() == want[want.epoch != old].act_mean.tolist()
