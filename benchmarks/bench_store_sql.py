@@ -118,8 +118,7 @@ def _fresh_rss(pythonpath: Path, store: Path, query: str) -> tuple[float, float,
     if pid == 0:  # child: stdout to the pipe, then exec the CLI
         os.close(r)
         os.dup2(w, 1)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         os.chdir(pythonpath)
         os.execve(sys.executable, [sys.executable, "-m", "revacnn.cli", "sql", "--store", str(store), query], env)
     os.close(w)
@@ -133,7 +132,9 @@ def _fresh_rss(pythonpath: Path, store: Path, query: str) -> tuple[float, float,
     _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"revacnn sql failed with {pythonpath}")
+        proc = subprocess.run([sys.executable, "-m", "revacnn.cli", "sql", "--store", str(store), query],
+                              capture_output=True, text=True, env=env, cwd=str(pythonpath))
+        raise RuntimeError(f"revacnn sql failed: {proc.stderr.strip()}")
     return wall, usage.ru_maxrss / 1024, b"".join(chunks).decode()
 
 
@@ -176,6 +177,54 @@ def _old_checkout(ref: str, where: Path) -> Path | None:
     return dest
 
 
+def _measure(engines: dict[str, Path], store: Path, query: str, samples: int, warm_n: int) -> list[dict[str, Any]]:
+    """Alternated fresh/warm samples of each engine on ``store``; an engine that fails once is dropped."""
+    res: dict[str, dict[str, list[float]]] = {k: {"fresh": [], "rss": [], "warm": []} for k in engines}
+    failed: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for _ in range(samples):
+        for name, path in engines.items():
+            if name in failed:
+                continue
+            try:
+                wall, rss, out = _fresh_rss(path, store, query)
+                warm = statistics.median(_warm(path, store, query, warm_n))
+            except RuntimeError as exc:
+                failed[name] = str(exc).strip().splitlines()[-1][:200]
+                continue
+            res[name]["fresh"].append(wall)
+            res[name]["rss"].append(rss)
+            res[name]["warm"].append(warm)
+            lines[name] = len(out.splitlines())
+    rows = []
+    for name in engines:
+        if name in failed:
+            rows.append({"engine": name, "failed": failed[name]})
+            print(f"{name:>4}: fails: {failed[name]}")
+            continue
+        r = res[name]
+        f, w, m = _stats(r["fresh"]), _stats(r["warm"]), _stats(r["rss"])
+        rows.append({"engine": name, "fresh_s": f, "warm_s": w, "peak_rss_mb": m})
+        print(f"{name:>4}: fresh {f['median']:.3f} s ({f['min']:.3f}..{f['max']:.3f}), "
+              f"warm {w['median'] * 1e3:.1f} ms ({w['min'] * 1e3:.1f}..{w['max'] * 1e3:.1f}), "
+              f"peak RSS {m['median']:.0f} MB ({m['min']:.0f}..{m['max']:.0f}); {lines[name]} output lines")
+    if "old" in res and "new" in res and "old" not in failed and "new" not in failed:
+        for key in ("fresh", "warm", "rss"):
+            ratio = statistics.median(res["old"][key]) / statistics.median(res["new"][key])
+            print(f"old/new {key}: {ratio:.1f}x")
+    return rows
+
+
+def _store(path: Path, **shape: int) -> dict[str, Any]:
+    t = time.perf_counter()
+    if (path / "revacnn-store.json").exists():
+        out = {"reused": str(path)}
+    else:
+        out = build_store(path, **shape)
+    print(f"store {path.name}: {out} (ready in {time.perf_counter() - t:.0f} s)", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=100)
@@ -185,20 +234,16 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--warm-n", type=int, default=5, help="warm queries per sample (their median is the sample)")
     ap.add_argument("--query", default=QUERY)
-    ap.add_argument("--store", type=Path, help="reuse (or create) the synthetic store here")
-    ap.add_argument("--old", action="store_true", help="also time the engine of --old-ref (loads every row)")
+    ap.add_argument("--dir", type=Path, help="keep (or reuse) the synthetic stores in this folder")
+    ap.add_argument("--old", action="store_true",
+                    help="also time the engine of --old-ref (loads every row), here and on a 1M-row store")
     ap.add_argument("--old-ref", default="524c897")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-store-sql-"))
+    where = args.dir or tmp
+    where.mkdir(parents=True, exist_ok=True)
     try:
-        store = args.store or tmp / "store"
-        t = time.perf_counter()
-        if store.exists() and (store / "revacnn-store.json").exists():
-            shape = {"reused": str(store)}
-        else:
-            shape = build_store(store, runs=args.runs, epochs=args.epochs, filters=args.filters, live=args.live)
-        print(f"store: {shape} (built in {time.perf_counter() - t:.0f} s)")
         engines = {"new": ROOT}
         if args.old:
             old = _old_checkout(args.old_ref, tmp)
@@ -206,31 +251,20 @@ def main() -> int:
                 print(f"old engine: git ref {args.old_ref} not found, skipped")
             else:
                 engines["old"] = old
-        res: dict[str, dict[str, list[float]]] = {k: {"fresh": [], "rss": [], "warm": []} for k in engines}
-        answers = {}
-        for _ in range(args.samples):
-            for name, path in engines.items():
-                wall, rss, out = _fresh_rss(path, store, args.query)
-                res[name]["fresh"].append(wall)
-                res[name]["rss"].append(rss)
-                answers[name] = len(out.splitlines())
-                res[name]["warm"].append(statistics.median(_warm(path, store, args.query, args.warm_n)))
-        rows = []
-        for name, r in res.items():
-            f, w, m = _stats(r["fresh"]), _stats(r["warm"]), _stats(r["rss"])
-            rows.append({"engine": name, "fresh_s": f, "warm_s": w, "peak_rss_mb": m})
-            print(f"{name:>4}: fresh {f['median']:.3f} s ({f['min']:.3f}..{f['max']:.3f}), "
-                  f"warm {w['median'] * 1e3:.1f} ms ({w['min'] * 1e3:.1f}..{w['max'] * 1e3:.1f}), "
-                  f"peak RSS {m['median']:.0f} MB ({m['min']:.0f}..{m['max']:.0f}); {answers[name]} output lines")
-        if "old" in res:
-            for key in ("fresh", "warm", "rss"):
-                ratio = statistics.median(res["old"][key]) / statistics.median(res["new"][key])
-                print(f"old/new {key}: {ratio:.1f}x")
-        print(f"targets: fresh <= 1 s, warm <= 0.1 s; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-        print(json.dumps({"query": args.query, "store": shape, "samples": args.samples, "results": rows}))
+        results = {}
+        big = where / "store-big"
+        results["big"] = {"store": _store(big, runs=args.runs, epochs=args.epochs, filters=args.filters,
+                                          live=args.live)}
+        results["big"]["engines"] = _measure(engines, big, args.query, args.samples, args.warm_n)
+        if "old" in engines:
+            small = where / "store-1m"
+            results["1m"] = {"store": _store(small, runs=10, epochs=args.epochs, filters=args.filters, live=1)}
+            results["1m"]["engines"] = _measure(engines, small, args.query, args.samples, args.warm_n)
+        print(f"targets (big store): fresh <= 1 s, warm <= 0.1 s; {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print(json.dumps({"query": args.query, "samples": args.samples, "results": results}))
     finally:
-        if not args.store:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

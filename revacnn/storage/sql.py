@@ -254,6 +254,7 @@ class SQLEngine:
         self._lock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
         self._fingerprint: object = None
+        self._frames: tuple[pd.DataFrame, ...] = ()  # the runs, sessions and probes tables of the connection
         self._paths: dict[str, tuple[Path, str]] = {}  # the files the views read: name -> (path, table)
         self._union: set[str] = set()  # tables whose files do not all have every column
         self._listed: dict[str, tuple[tuple[int, ...], RunFiles, tuple[Path, ...]]] = {}
@@ -413,18 +414,14 @@ class SQLEngine:
         sessions = store.sessions()
         probes = store._probe_rows()
         snap = self.list_files(list(runs["run_id"]))
-        base = (
-            snap.key(),
-            pd.util.hash_pandas_object(runs.astype(str), index=False).sum(),
-            pd.util.hash_pandas_object(sessions.astype(str), index=False).sum(),
-            len(probes),
-        )
+        key = snap.key()
 
-        def fingerprint() -> tuple[object, ...]:  # and what was learnt about the files
-            return (*base, tuple(sorted((str(p), v[0]) for p, v in self._bad.items())), tuple(sorted(self._union)))
+        def fingerprint() -> tuple[object, ...]:  # the files, and what was learnt about them
+            return key, tuple(sorted((str(p), v[0]) for p, v in self._bad.items())), tuple(sorted(self._union))
 
         with self._lock:
-            if self._con is not None and fingerprint() == self._fingerprint:
+            if (self._con is not None and fingerprint() == self._fingerprint
+                    and all(a.equals(b) for a, b in zip((runs, sessions, probes), self._frames, strict=True))):
                 return self._con
             files, bad_epochs = self._usable(snap)
             history = store.history_rows()
@@ -468,7 +465,7 @@ class SQLEngine:
                 raise SQLError(f"Cannot read the store's tables: {_first_line(exc)}") from None
             # The old connection is not closed here: another thread may still be reading from a
             # cursor of it; it is freed when the last reference goes.
-            self._con, self._fingerprint = con, fingerprint()
+            self._con, self._fingerprint, self._frames = con, fingerprint(), (runs, sessions, probes)
         return con
 
     def query(self, sql: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> pd.DataFrame:
