@@ -7,9 +7,10 @@ Parquet segments of the big tables written straight into the store's layout (fas
 
 Then, alternated, ``--samples`` times each:
 
-- **fresh**: ``python -m revacnn.cli sql --store S QUERY`` in a new process (wall time, peak RSS of
-  that process from ``wait4``);
-- **warm**: the same query again in one process whose engine already answered it once;
+- **fresh**: ``python -m revacnn.cli sql --store S QUERY`` in a new process (wall time, and CPU time
+  and peak RSS of that process from ``wait4``);
+- **warm**: the same query again in one process whose engine already answered it once (wall and
+  CPU time: on a shared machine the CPU time is the steadier figure);
 - with ``--old``: the engine before issue 14 (git ``--old-ref``, every row loaded into DuckDB), fresh
   and warm, in the same rounds.
 
@@ -109,7 +110,8 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     return conform(t, schema)
 
 
-def _fresh_rss(pythonpath: Path, store: Path, query: str) -> tuple[float, float, str]:
+def _fresh_rss(pythonpath: Path, store: Path, query: str) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds (user + system), peak RSS (MB) and stdout of one ``revacnn sql`` process."""
     env = dict(os.environ, PYTHONPATH=str(pythonpath))
     r, w = os.pipe()
     t = time.perf_counter()
@@ -134,7 +136,7 @@ def _fresh_rss(pythonpath: Path, store: Path, query: str) -> tuple[float, float,
         proc = subprocess.run([sys.executable, "-m", "revacnn.cli", "sql", "--store", str(store), query],
                               capture_output=True, text=True, env=env, cwd=str(pythonpath))
         raise RuntimeError(f"revacnn sql failed: {proc.stderr.strip()}")
-    return wall, usage.ru_maxrss / 1024, b"".join(chunks).decode()
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, b"".join(chunks).decode()
 
 
 WARM_SCRIPT = r"""
@@ -143,20 +145,25 @@ import revacnn
 store = revacnn.open_store(sys.argv[1], mode="r")
 query, n = sys.argv[2], int(sys.argv[3])
 store.sql(query)
-out = []
+out, cpu = [], []
 for _ in range(n):
-    t = time.perf_counter(); df = store.sql(query); out.append(time.perf_counter() - t)
-print(json.dumps({"times": out, "rows": len(df)}))
+    t, c = time.perf_counter(), time.process_time()
+    df = store.sql(query)
+    out.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
+print(json.dumps({"times": out, "cpu": cpu, "rows": len(df)}))
 """
 
 
-def _warm(pythonpath: Path, store: Path, query: str, n: int) -> list[float]:
+def _warm(pythonpath: Path, store: Path, query: str, n: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of ``n`` warm queries in one process (after a first one)."""
     env = dict(os.environ, PYTHONPATH=str(pythonpath))
     proc = subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(store), query, str(n)], capture_output=True,
                           text=True, env=env, cwd=str(pythonpath))
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])["times"]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return got["times"], got["cpu"]
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -178,7 +185,8 @@ def _old_checkout(ref: str, where: Path) -> Path | None:
 
 def _measure(engines: dict[str, Path], store: Path, query: str, samples: int, warm_n: int) -> list[dict[str, Any]]:
     """Alternated fresh/warm samples of each engine on ``store``; an engine that fails once is dropped."""
-    res: dict[str, dict[str, list[float]]] = {k: {"fresh": [], "rss": [], "warm": []} for k in engines}
+    keys = ("fresh", "fresh_cpu", "rss", "warm", "warm_cpu")
+    res: dict[str, dict[str, list[float]]] = {k: {key: [] for key in keys} for k in engines}
     failed: dict[str, str] = {}
     lines: dict[str, int] = {}
     for _ in range(samples):
@@ -186,14 +194,14 @@ def _measure(engines: dict[str, Path], store: Path, query: str, samples: int, wa
             if name in failed:
                 continue
             try:
-                wall, rss, out = _fresh_rss(path, store, query)
-                warm = statistics.median(_warm(path, store, query, warm_n))
+                wall, cpu, rss, out = _fresh_rss(path, store, query)
+                warm, warm_cpu = _warm(path, store, query, warm_n)
             except RuntimeError as exc:
                 failed[name] = str(exc).strip().splitlines()[-1][:200]
                 continue
-            res[name]["fresh"].append(wall)
-            res[name]["rss"].append(rss)
-            res[name]["warm"].append(warm)
+            for key, v in zip(keys, (wall, cpu, rss, statistics.median(warm), statistics.median(warm_cpu)),
+                              strict=True):
+                res[name][key].append(v)
             lines[name] = len(out.splitlines())
     rows = []
     for name in engines:
@@ -202,13 +210,15 @@ def _measure(engines: dict[str, Path], store: Path, query: str, samples: int, wa
             print(f"{name:>4}: fails: {failed[name]}")
             continue
         r = res[name]
-        f, w, m = _stats(r["fresh"]), _stats(r["warm"]), _stats(r["rss"])
-        rows.append({"engine": name, "fresh_s": f, "warm_s": w, "peak_rss_mb": m})
-        print(f"{name:>4}: fresh {f['median']:.3f} s ({f['min']:.3f}..{f['max']:.3f}), "
-              f"warm {w['median'] * 1e3:.1f} ms ({w['min'] * 1e3:.1f}..{w['max'] * 1e3:.1f}), "
-              f"peak RSS {m['median']:.0f} MB ({m['min']:.0f}..{m['max']:.0f}); {lines[name]} output lines")
+        st = {key: _stats(r[key]) for key in keys}
+        rows.append({"engine": name, **{key: st[key] for key in keys}})
+        f, fc, w, wc, m = (st[k] for k in ("fresh", "fresh_cpu", "warm", "warm_cpu", "rss"))
+        print(f"{name:>4}: fresh {f['median']:.3f} s ({f['min']:.3f}..{f['max']:.3f}; CPU {fc['median']:.3f} s), "
+              f"warm {w['median'] * 1e3:.1f} ms ({w['min'] * 1e3:.1f}..{w['max'] * 1e3:.1f}; "
+              f"CPU {wc['median'] * 1e3:.1f} ms), peak RSS {m['median']:.0f} MB ({m['min']:.0f}..{m['max']:.0f}); "
+              f"{lines[name]} output lines")
     if "old" in res and "new" in res and "old" not in failed and "new" not in failed:
-        for key in ("fresh", "warm", "rss"):
+        for key in keys:
             ratio = statistics.median(res["old"][key]) / statistics.median(res["new"][key])
             print(f"old/new {key}: {ratio:.1f}x")
     return rows
