@@ -156,6 +156,8 @@ def sandboxed_connection(
     if allowed_paths:
         paths = ", ".join("'" + str(p).replace("'", "''") + "'" for p in allowed_paths)
         con.execute(f"SET GLOBAL allowed_paths = [{paths}]")
+        # Parquet footers are parsed once per file (DuckDB re-reads a file's whose mtime changed).
+        con.execute("SET GLOBAL parquet_metadata_cache = true")
     else:
         con.execute("SET GLOBAL disabled_filesystems = 'LocalFileSystem'")
     con.execute("SET GLOBAL allowed_directories = []")
@@ -372,14 +374,23 @@ class SQLEngine:
         return files, epochs
 
     def _file_trouble(self, exc: BaseException) -> bool:
-        """Whether ``exc`` is about one of the files read (vanished: list again; corrupt: leave it out)."""
+        """Whether ``exc`` is about one of the files read (vanished: list again; corrupt: leave it out).
+
+        DuckDB names the file in most errors; when it does not (a garbled page), the files changed
+        since they were checked are the suspects.
+        """
         text = str(exc)
         path, table = next((v for name, v in self._paths.items() if name in text), (None, ""))
         if path is None:
-            return False
+            suspects = [p for p, _ in self._paths.values() if _stat(p) != self._checked.get(p)]
+            return any([self._check_file(p) for p in suspects])
         if "union_by_name" in text and table not in self._union:  # a file lacks one of the columns
             self._union.add(table)
             return True
+        return self._check_file(path)
+
+    def _check_file(self, path: Path) -> bool:
+        """True when ``path`` vanished (the listing is dropped) or is corrupt (it is left out from now on)."""
         stamp = _stat(path)
         if stamp is None:  # removed meanwhile: a compaction switched generation, or a resume
             self._listed.clear()
@@ -392,6 +403,7 @@ class SQLEngine:
         except (pa.ArrowException, OSError, ValueError) as err:
             self._bad[path] = (stamp, _corrupt_message(path, err))
             return True
+        self._checked[path] = stamp
         return False  # pyarrow reads it: a DuckDB error, not the file's
 
     # ------------------------------------------------------------------ the connection
