@@ -128,6 +128,8 @@ def sandboxed_connection(
       use no persistent secret, and scan no Python variable;
     - change none of this: ``lock_configuration`` is set last.
 
+    With ``allowed_paths``, DuckDB's Parquet footer cache is on (each file's footer parsed once).
+
     Args:
         load: fills the database (CREATE TABLE ...) before it is sealed; it may read files.
         allowed_paths: files queries may still read (for example Parquet segments read in place).
@@ -156,7 +158,7 @@ def sandboxed_connection(
     if allowed_paths:
         paths = ", ".join("'" + str(p).replace("'", "''") + "'" for p in allowed_paths)
         con.execute(f"SET GLOBAL allowed_paths = [{paths}]")
-        # Parquet footers are parsed once per file (DuckDB re-reads a file's whose mtime changed).
+        # Parquet footers are parsed once per file (DuckDB parses a file's again when its mtime changed).
         con.execute("SET GLOBAL parquet_metadata_cache = true")
     else:
         con.execute("SET GLOBAL disabled_filesystems = 'LocalFileSystem'")
@@ -186,6 +188,11 @@ class Snapshot:
         files: per table, the files of every run, in run order.
         runs: each run's `RunFiles` (one compaction generation), for excluding a corrupt file's epochs.
         owner: each file's ``(run_id, table)``.
+
+    Example:
+        >>> snap = store._sql.list_files(store.run_ids())
+        >>> len(snap.files["filters"]), sorted(snap.runs)[:1]
+        (12, ['run-…'])
     """
 
     files: dict[str, list[Path]]
@@ -218,7 +225,12 @@ def _scan(paths: Sequence[Path], union: bool) -> str:
 
 
 def default_threads() -> int:
-    """DuckDB worker threads for SQL: the machine's cores, at most 8."""
+    """DuckDB worker threads for SQL: the machine's cores, at most 8.
+
+    Example:
+        >>> 1 <= default_threads() <= 8
+        True
+    """
     return max(1, min(8, os.cpu_count() or 2))
 
 
