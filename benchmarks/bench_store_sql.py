@@ -11,6 +11,7 @@ Then, alternated, ``--samples`` times each:
   and peak RSS of that process from ``wait4``);
 - **warm**: the same query again in one process whose engine already answered it once (wall and
   CPU time: on a shared machine the CPU time is the steadier figure);
+- **fresh ``SELECT 1``**: the process start-up, the store's listing and the views, without the scan;
 - with ``--old``: the engine before issue 14 (git ``--old-ref``, every row loaded into DuckDB), fresh
   and warm, in the same rounds.
 
@@ -185,7 +186,7 @@ def _old_checkout(ref: str, where: Path) -> Path | None:
 
 def _measure(engines: dict[str, Path], store: Path, query: str, samples: int, warm_n: int) -> list[dict[str, Any]]:
     """Alternated fresh/warm samples of each engine on ``store``; an engine that fails once is dropped."""
-    keys = ("fresh", "fresh_cpu", "rss", "warm", "warm_cpu")
+    keys = ("fresh", "fresh_cpu", "rss", "warm", "warm_cpu", "select1", "select1_cpu")
     res: dict[str, dict[str, list[float]]] = {k: {key: [] for key in keys} for k in engines}
     failed: dict[str, str] = {}
     lines: dict[str, int] = {}
@@ -196,11 +197,12 @@ def _measure(engines: dict[str, Path], store: Path, query: str, samples: int, wa
             try:
                 wall, cpu, rss, out = _fresh_rss(path, store, query)
                 warm, warm_cpu = _warm(path, store, query, warm_n)
+                one, one_cpu, _, _ = _fresh_rss(path, store, "SELECT 1")  # start-up, listing and views only
             except RuntimeError as exc:
                 failed[name] = str(exc).strip().splitlines()[-1][:200]
                 continue
-            for key, v in zip(keys, (wall, cpu, rss, statistics.median(warm), statistics.median(warm_cpu)),
-                              strict=True):
+            values = (wall, cpu, rss, statistics.median(warm), statistics.median(warm_cpu), one, one_cpu)
+            for key, v in zip(keys, values, strict=True):
                 res[name][key].append(v)
             lines[name] = len(out.splitlines())
     rows = []
@@ -216,7 +218,8 @@ def _measure(engines: dict[str, Path], store: Path, query: str, samples: int, wa
         print(f"{name:>4}: fresh {f['median']:.3f} s ({f['min']:.3f}..{f['max']:.3f}; CPU {fc['median']:.3f} s), "
               f"warm {w['median'] * 1e3:.1f} ms ({w['min'] * 1e3:.1f}..{w['max'] * 1e3:.1f}; "
               f"CPU {wc['median'] * 1e3:.1f} ms), peak RSS {m['median']:.0f} MB ({m['min']:.0f}..{m['max']:.0f}); "
-              f"{lines[name]} output lines")
+              f"{lines[name]} output lines; fresh `SELECT 1` {st['select1']['median']:.3f} s "
+              f"(CPU {st['select1_cpu']['median']:.3f} s)")
     if "old" in res and "new" in res and "old" not in failed and "new" not in failed:
         for key in keys:
             ratio = statistics.median(res["old"][key]) / statistics.median(res["new"][key])
