@@ -154,6 +154,7 @@ def sandboxed_connection(
             "allow_community_extensions": False,
         },
     )
+    con.execute("SET enable_progress_bar = false")  # it would print into the CLI's output (CSV, JSON)
     load(con)
     if allowed_paths:
         paths = ", ".join("'" + str(p).replace("'", "''") + "'" for p in allowed_paths)
