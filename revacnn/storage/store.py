@@ -324,7 +324,8 @@ class Store:
 
     def probes(self, session_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The session's probe images ``(P, H, W, C)`` as the model sees them (dtype as given) and labels ``(P,)``."""
-        self._ensure(f"sessions/{session_id}/probes.zarr/")
+        if self.layout.session_json(session_id).exists():  # put after its probes: they are whole
+            self._ensure(f"sessions/{session_id}/probes.zarr/")
         path = self.layout.probes_zarr(session_id)
         if not path.exists():
             raise RunNotFoundError(f"No session {session_id!r} in {self.root}")

@@ -316,6 +316,9 @@ def test_sigkill_during_an_upload_loses_no_committed_epoch_and_resume_continues(
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == -9, err
     reader = revacnn.open_store(url, mode="r", cache=tmp_path / "cache-reader")
+    keys = reader._mirror.backend.list(f"runs/{run_id}/")
+    assert any("/arrays.zarr/e00002/" in k for k in keys)  # killed with epoch 2 half uploaded ...
+    assert f"runs/{run_id}/tables/epochs/e00002.parquet" not in keys  # ... before its marker
     counts = _counts(reader, run_id)
     want = _counts(ref_store, ref_id)
     assert counts and all(counts[e] == want[e] for e in counts), (counts, want)
