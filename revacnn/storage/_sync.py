@@ -32,6 +32,7 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ _LAZY_RE = re.compile(r"^(runs/[^/]+/(arrays\.zarr|checkpoints)/|sessions/[^/]+/
 _MUTABLE_RE = re.compile(r"(^|/)(status\.json|run\.json|manifest\.json|snapshot\.npz|revacnn-store\.json)$")
 _SKIP_NAMES = ("lease",)
 _PUSHED = ("pushed",)
+#: parallel puts of one rank of a push (an epoch's arrays are dozens of small objects)
+PUT_THREADS = 8
 
 
 def sync_interval_s() -> float:
@@ -92,6 +95,14 @@ def _epoch_of(key: str) -> tuple[str, int] | None:
     return m.group(1), int(e)
 
 
+def _arrays_dir(key: str) -> str | None:
+    """``runs/<run>/arrays.zarr/eNNNNN`` of a key inside an epoch's Zarr group, else None."""
+    parts = key.split("/", 4)
+    if len(parts) == 5 and parts[0] == "runs" and parts[2] == "arrays.zarr":
+        return "/".join(parts[:4])
+    return None
+
+
 def _stamp(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
@@ -121,6 +132,10 @@ class Mirror:
         self.state: dict[str, tuple[Any, Any]] = {}
         self._last_pull = 0.0
         self._ensured: set[str] = set()
+        # epoch array folders whose marker is pushed: written whole, never scanned again
+        self._sealed: set[str] = set()
+        self._primed: set[str] = set()
+        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def shared(cls, url: str, cache: Path) -> Mirror:
@@ -137,14 +152,25 @@ class Mirror:
         return self.backend.url
 
     # ------------------------------------------------------------------ push
-    def _scan(self, prefix: str) -> dict[str, tuple[int, int]]:
+    def _scan(self, prefix: str, sealed: set[str] | None = None) -> dict[str, tuple[int, int]]:
+        """Stamps of the files below ``prefix``; sealed epoch folders are skipped (and added to ``sealed``)."""
         base = self.cache / prefix if prefix else self.cache
         out: dict[str, tuple[int, int]] = {}
         if base.is_file():
             s = _stamp(base)
             return {prefix: s} if s else {}
         for here, dirs, names in os.walk(base):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            keep = []
+            for d in dirs:
+                if d.startswith("."):
+                    continue
+                rel = (Path(here) / d).relative_to(self.cache).as_posix()
+                if rel in self._sealed:
+                    if sealed is not None:
+                        sealed.add(rel)
+                    continue
+                keep.append(d)
+            dirs[:] = keep
             for n in names:
                 if n.startswith(".") or n in _SKIP_NAMES or n.endswith(".tmp"):
                     continue
@@ -163,24 +189,62 @@ class Mirror:
         with self.lock:
             first = self._scan(prefix)  # the markers of this scan are pushed ...
             markers = {k for k in first if _rank(k) == 2}
-            now = self._scan(prefix)    # ... with the data of this later one
+            seen_sealed: set[str] = set()
+            now = self._scan(prefix, seen_sealed)  # ... with the data of this later one
+            if prefix not in self._primed:  # this process's first push here (a resume): skip what is there
+                self._prime(prefix, now)
             todo = [k for k, s in now.items() if (_rank(k) < 2 or k in markers) and self.state.get(k, (None,))[0] != s]
             todo.sort(key=lambda k: (_rank(k), k))
-            for k in todo:
-                self.backend.put_file(k, self.cache / k)
-                self.state[k] = (now[k], _PUSHED)
-                kill_point("object_put")
+            for rank in (0, 1, 2):  # each rank's puts done before the next rank's start
+                self._put_all([k for k in todo if _rank(k) == rank], now)
+            for k in markers:  # the epoch's arrays are in the bucket: never scanned again
+                ep = _epoch_of(k)
+                if ep is not None and k in now:
+                    self._sealed.add(f"runs/{ep[0]}/arrays.zarr/e{ep[1]:05d}")
             gone: list[str] = []
             if delete:
                 pre = prefix.rstrip("/")
                 gone = [k for k in self.state if (not pre or k == pre or k.startswith(pre + "/")) and k not in now
-                        and not (self.cache / k).exists()]
+                        and _arrays_dir(k) not in seen_sealed and not (self.cache / k).exists()]
                 gone.sort(key=lambda k: -_rank(k))  # markers go first when a whole epoch goes
                 if gone:
                     self.backend.delete(gone)
                     for k in gone:
                         self.state.pop(k, None)
             return len(todo) + len(gone)
+
+    def _put_all(self, keys: list[str], stamps: dict[str, tuple[int, int]]) -> None:
+        """Put ``keys`` (in parallel, `PUT_THREADS`); return once every one is in the backend."""
+        if len(keys) <= 1:
+            for k in keys:
+                self.backend.put_file(k, self.cache / k)
+                self.state[k] = (stamps[k], _PUSHED)
+                kill_point("object_put")
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=PUT_THREADS, thread_name_prefix="revacnn-put")
+        futures = {self._pool.submit(self.backend.put_file, k, self.cache / k): k for k in keys}
+        error: BaseException | None = None
+        for f in as_completed(futures):
+            k = futures[f]
+            try:
+                f.result()
+            except Exception as exc:  # the others still finish; the push fails as a whole
+                error = error or exc
+                continue
+            self.state[k] = (stamps[k], _PUSHED)
+            kill_point("object_put")
+        if error is not None:
+            raise error
+
+    def _prime(self, prefix: str, local: dict[str, tuple[int, int]]) -> None:
+        """Adopt the backend's objects that the cache already holds (same size, written once)."""
+        listed = self.backend.list(prefix.rstrip("/") + "/" if prefix else "")
+        for k, s in local.items():
+            v = listed.get(k)
+            if k not in self.state and v is not None and not _MUTABLE_RE.search(k) and v[0] == s[1]:
+                self.state[k] = (s, v)
+        self._primed.add(prefix)
 
     def put_file(self, key: str) -> None:
         """Put one local file now (a steering command, the store's marker)."""
