@@ -364,3 +364,25 @@ def test_steer_through_the_bucket_gets_applied(s3_server, tmp_path):
     applied_at = int(lr.epoch.iloc[0])  # the lr of the epochs after it is the steered one
     lrs = reader.sql(f"SELECT epoch, lr FROM epochs WHERE run_id='{run_id}' ORDER BY epoch").set_index("epoch").lr
     assert lrs[8] == pytest.approx(0.0005), (applied_at, lrs)
+
+
+def test_the_apps_store_readers_take_a_url(tmp_path, monkeypatch):
+    from revacnn.ui.data import ReplayData, StoreWatcher
+
+    monkeypatch.setenv("REVACNN_CACHE", str(tmp_path / "app-cache"))
+    url = f"memory://revacnn-app-{uuid.uuid4().hex[:8]}"
+    st = revacnn.open_store(url, durable=False, cache=tmp_path / "trainer")
+    w = RunWriter.create(st, session_id=_session(st), config={})
+    _epoch(w, 0)
+    watcher = StoreWatcher.shared(url)
+    assert watcher.root == url and not (tmp_path / "memory:").exists()
+    before = watcher.check()
+    _epoch(w, 1)
+    deadline = time.time() + 30
+    while watcher.check() == before and time.time() < deadline:  # the poller pulls the new epoch
+        time.sleep(0.05)
+    assert watcher.check() > before
+    data = ReplayData.shared(url)
+    assert data.path == url and data.store.run(w.run_id).epochs() == [0, 1]
+    assert data.store.epoch_arrays(w.run_id, 1).startswith(str(tmp_path / "app-cache"))
+    w.set_status("finished")
