@@ -361,6 +361,22 @@ class RunWriter:
             self._mirror.discard_after(self.run_id, epoch)
             self._push()
 
+    def abandon(self) -> None:
+        """Remove the run entirely (a fork whose changes were refused): its folder, and its objects at a URL.
+
+        Example:
+            >>> w = RunWriter.create(store, session_id=sid, config={}); w.abandon()
+        """
+        self._stop_sync()
+        self.lease.release()
+        shutil.rmtree(self.layout.run_dir(self.run_id), ignore_errors=True)
+        if self._mirror is not None:
+            try:
+                keys = sorted(self._mirror.backend.list(f"runs/{self.run_id}/"), key=lambda k: "/run.json" not in k)
+                self._mirror.delete_remote(keys)  # run.json first: readers stop listing the run at once
+            except Exception as exc:
+                log.warning("run %s not removed from %s: %s", self.run_id, self._mirror.url, exc)
+
     # ------------------------------------------------------------------ events
     def find_event(self, event_id: str) -> dict[str, Any] | None:
         """The event already recorded for ``event_id`` (a command id), or None."""

@@ -386,3 +386,16 @@ def test_the_apps_store_readers_take_a_url(tmp_path, monkeypatch):
     assert data.path == url and data.store.run(w.run_id).epochs() == [0, 1]
     assert data.store.epoch_arrays(w.run_id, 1).startswith(str(tmp_path / "app-cache"))
     w.set_status("finished")
+
+
+def test_an_abandoned_run_leaves_the_bucket(tmp_path):
+    url = f"memory://revacnn-abandon-{uuid.uuid4().hex[:8]}"
+    st = revacnn.open_store(url, durable=False, cache=tmp_path / "a")
+    w = RunWriter.create(st, session_id=_session(st), config={})
+    _epoch(w, 0)
+    other = revacnn.open_store(url, mode="r", cache=tmp_path / "b")
+    assert other.run_ids() == [w.run_id]
+    w.abandon()  # what a fork whose changes are refused does
+    assert st._mirror.backend.list(f"runs/{w.run_id}/") == {}
+    other.refresh()
+    assert other.run_ids() == [] and st.run_ids() == []
