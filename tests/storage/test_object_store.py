@@ -399,3 +399,11 @@ def test_an_abandoned_run_leaves_the_bucket(tmp_path):
     assert st._mirror.backend.list(f"runs/{w.run_id}/") == {}
     other.refresh()
     assert other.run_ids() == [] and st.run_ids() == []
+
+
+def test_cli_missing_bucket_or_store_is_one_line(s3_server, tmp_path):
+    r = _cli("runs", "--store", "s3://no-such-bucket-revacnn/x", cwd=tmp_path,
+             env={"REVACNN_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "No revacnn store at s3://no-such-bucket-revacnn/x" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no cache folder for a store that is not there
