@@ -17,6 +17,7 @@ ORDER = [
     ("replay", "bench_replay.py", []),
     ("live", "bench_live.py", []),
     ("store_sql", "bench_store_sql.py", ["--old"]),
+    ("store_commit", "bench_store_commit.py", []),
 ]
 
 

@@ -14,6 +14,7 @@ Kill points (where the code calls `kill_point`):
 - ``event_written``: the event was written, the command file not yet moved out of the queue.
 - ``compaction_written``: compaction wrote its first merged file, the new manifest not yet published.
 - ``compaction_published``: the new manifest is published, the old segments not yet removed.
+- ``object_put``: a store on an object store (``s3://…``) put one object of a push, not the next.
 
 Example:
     >>> import os, subprocess
@@ -37,6 +38,7 @@ KILL_POINTS = (
     "event_written",
     "compaction_written",
     "compaction_published",
+    "object_put",
 )
 
 _counts: dict[str, int] = {}

@@ -9,6 +9,7 @@ __all__ = [
     "UnsupportedLayerError",
     "StoreError",
     "StoreNotFoundError",
+    "StoreURLError",
     "CorruptStoreError",
     "CorruptStoreWarning",
     "StoreWriteError",
@@ -46,6 +47,10 @@ class StoreError(RevacnnError, OSError):
 
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """No store exists at the given path."""
+
+
+class StoreURLError(StoreError, ValueError):
+    """A store URL names an unknown protocol, or one whose fsspec package is not installed."""
 
 
 class CorruptStoreError(StoreError):

@@ -25,6 +25,9 @@ def send(store: Store, run_id: str, command: Command) -> Command:
     d = store.layout.commands_dir(run_id)
     name = f"{time.time_ns():020d}-{command.command_id}.json"
     atomic_write_json(d / name, command.to_json(), durable=getattr(store, "durable", True))
+    publish = getattr(store, "_publish", None)
+    if publish is not None:  # a store at a URL: the command is accepted once its object is put
+        publish(d / name)
     return command
 
 
@@ -173,7 +176,10 @@ def wait_for_event(store: Store, run_id: str, command_id: str, *, timeout_s: flo
     """Poll the run's events until the one for ``command_id`` appears; None on timeout."""
     deadline = time.time() + timeout_s
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in command_id)[:40]
+    pull = getattr(store, "_pull_prefix", None)
     while True:
+        if pull is not None:  # a store at a URL: fetch the run's new events
+            pull(f"runs/{run_id}/tables/events/")
         files = [p for p in event_files(store.layout, run_id) if p.name.endswith(f"-{safe}.parquet")]
         if files:
             rows = read_tables(files, EVENTS_SCHEMA).to_pylist()

@@ -7,6 +7,7 @@ The names below are its public interface; modules outside `revacnn.storage` impo
 
 from __future__ import annotations
 
+from ._backend import is_url, store_key
 from ._durable import fsync_dir
 from ._layout import atomic_write_json
 from ._schema import EVENTS_SCHEMA
@@ -29,6 +30,8 @@ __all__ = [
     "create_session",
     "event_files",
     "fsync_dir",
+    "is_url",
     "open_store",
     "read_tables",
+    "store_key",
 ]

@@ -25,7 +25,8 @@ from ..errors import (
     StoreError,
     StoreNotFoundError,
 )
-from ._layout import FORMAT_NAME, FORMAT_VERSION, Layout, atomic_write_json
+from ._backend import parse_location
+from ._layout import FORMAT_NAME, FORMAT_VERSION, MARKER, Layout, atomic_write_json, epoch_tag
 from ._schema import EVENTS_SCHEMA, PROBES_COLUMNS, RUNS_COLUMNS, SEGMENT_TABLES, SESSIONS_COLUMNS
 from ._tables import (
     committed_epochs,
@@ -45,29 +46,36 @@ HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "durati
 __all__ = ["HEARTBEAT_TIMEOUT_S", "HOST", "EpochRecord", "LayerRecord", "Run", "Store", "open_store"]
 
 
-def open_store(path: str | os.PathLike[str] | None = None, *, mode: str = "a", durable: bool = True) -> Store:
-    """Open the store at ``path``.
+def open_store(
+    path: str | os.PathLike[str] | None = None, *, mode: str = "a", durable: bool = True,
+    cache: str | os.PathLike[str] | None = None,
+) -> Store:
+    """Open the store at ``path``: a folder, or an fsspec URL (``s3://bucket/prefix``, ``memory://…``).
 
     Args:
-        path: The store's root folder. Defaults to ``$REVACNN_STORE`` or ``./store``.
+        path: The store's root folder or URL. Defaults to ``$REVACNN_STORE`` or ``./store``.
         mode: ``"a"`` opens and creates it if missing; ``"r"`` requires it to exist.
         durable: writers fsync each epoch's files before its commit (turn off only in tests).
+        cache: for a URL, the local cache folder this process works in (default:
+            ``$REVACNN_CACHE`` or ``~/.cache/revacnn``, one folder per URL).
 
     Returns:
         The `Store`.
 
     Raises:
         StoreNotFoundError: ``mode="r"`` and there is no store at ``path``.
+        StoreURLError: ``path`` is a URL of an unknown protocol, or one whose package is missing.
 
     Example:
         >>> store = revacnn.open_store("store")
         >>> store.sql("SELECT run_id, status FROM runs")
+        >>> shared = revacnn.open_store("s3://team-bucket/revacnn")   # needs s3fs
     """
     if path is None:
         path = os.environ.get("REVACNN_STORE", "store")
     if mode not in ("a", "r"):
         raise ValueError(f"Received: mode={mode!r} (expected 'a' or 'r')")
-    return Store(path, create=(mode == "a"), durable=durable)
+    return Store(path, create=(mode == "a"), durable=durable, cache=cache)
 
 
 def _file_stamp(path: Path) -> tuple[int, int] | None:
@@ -108,10 +116,20 @@ class Store:
         (16, 5, 5, 3)
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, create: bool = True, durable: bool = True) -> None:
-        self.root = Path(root).absolute()
+    def __init__(
+        self, root: str | os.PathLike[str], *, create: bool = True, durable: bool = True,
+        cache: str | os.PathLike[str] | None = None,
+    ) -> None:
+        loc = parse_location(root, cache=cache)
+        #: the store's URL (``s3://…``), or None for a local folder
+        self.url: str | None = loc.url
+        #: the folder the store code reads and writes: the store itself, or a URL's local cache
+        self.root = loc.cache
         self.durable = durable
         self.layout = Layout(self.root)
+        self._mirror = None
+        if self.url is not None:
+            self._open_remote(create)
         marker = self.layout.marker
         if not marker.exists():
             if not create:
@@ -136,11 +154,79 @@ class Store:
         self._sql = SQLEngine(self)
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+        return f"Store({self.url or str(self.root)!r})"
+
+    @property
+    def location(self) -> str:
+        """What to pass to ``--store`` to open this store again: its URL or its folder."""
+        return self.url or str(self.root)
+
+    # ------------------------------------------------------------------ remote stores (URLs)
+    def _open_remote(self, create: bool) -> None:
+        from ._sync import Mirror
+
+        assert self.url is not None
+        try:
+            self._mirror = m = Mirror.shared(self.url, self.root)
+            exists = m.backend.exists(MARKER)
+            if not exists and not create:
+                raise StoreNotFoundError(f"No revacnn store at {self.url} (record a run there first)")
+            self.root.mkdir(parents=True, exist_ok=True)
+            if exists:
+                m.pull()
+            else:
+                atomic_write_json(self.layout.marker, {"format": FORMAT_NAME, "version": FORMAT_VERSION})
+                m.put_file(MARKER)
+        except StoreError:
+            raise
+        except Exception as exc:  # credentials, a missing bucket, no network: one line
+            raise StoreError(
+                f"Cannot open the store {self.url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                " (check the bucket exists, the credentials, and AWS_ENDPOINT_URL for a custom S3 server)"
+            ) from None
+
+    def refresh(self, *, force: bool = True) -> None:
+        """For a store at a URL: bring the local cache up to the committed state of the bucket.
+
+        Store reads call it themselves (at most every ``$REVACNN_PULL_INTERVAL_S``, 0.5 s); a
+        local folder needs nothing. Never shows a partial epoch.
+
+        Example:
+            >>> store = revacnn.open_store("s3://bucket/team", mode="r")
+            >>> store.refresh(); store.runs()
+        """
+        if self._mirror is None:
+            return
+        from ._sync import pull_interval_s
+
+        try:
+            self._mirror.pull(min_interval_s=0.0 if force else pull_interval_s())
+        except Exception as exc:  # a reader keeps what it has; the next poll retries
+            warnings.warn(f"store {self.url} not refreshed: {type(exc).__name__}: {exc}", stacklevel=2)
+
+    def _auto_refresh(self) -> None:
+        if self._mirror is not None:
+            self.refresh(force=False)
+
+    def _ensure(self, prefix: str) -> None:
+        """Fetch the objects below ``prefix`` (arrays of a committed epoch, a checkpoint) into the cache."""
+        if self._mirror is not None:
+            self._mirror.ensure(prefix)
+
+    def _publish(self, path: str | os.PathLike[str]) -> None:
+        """Put one file of the cache (a steering command) to the store's URL now; no-op for a folder."""
+        if self._mirror is not None:
+            self._mirror.put_file(Path(path).absolute().relative_to(self.root).as_posix())
+
+    def _pull_prefix(self, prefix: str) -> None:
+        """Fetch what is new below ``prefix`` (a run's events, for `steer`); no-op for a folder."""
+        if self._mirror is not None:
+            self._mirror.pull_prefix(prefix)
 
     # ------------------------------------------------------------------ sessions and runs
     def session_ids(self) -> list[str]:
         """Ids of every session, oldest first."""
+        self._auto_refresh()
         d = self.layout.sessions_dir
         if not d.exists():
             return []
@@ -148,6 +234,7 @@ class Store:
 
     def run_ids(self) -> list[str]:
         """Ids of every run, oldest first."""
+        self._auto_refresh()
         d = self.layout.runs_dir
         if not d.exists():
             return []
@@ -225,6 +312,8 @@ class Store:
         """
         if not isinstance(run_id, str) or not run_id or "/" in run_id or run_id.startswith("."):
             raise RunNotFoundError(f"Received: run={run_id!r} (expected a run id; see `revacnn runs`)")
+        if not self.layout.run_json(run_id).exists() and self._mirror is not None:
+            self.refresh()
         if not self.layout.run_json(run_id).exists():
             known = self.run_ids()
             hint = ", ".join(known[-5:]) if known else "none yet"
@@ -235,6 +324,8 @@ class Store:
 
     def probes(self, session_id: str) -> tuple[np.ndarray, np.ndarray]:
         """The session's probe images ``(P, H, W, C)`` as the model sees them (dtype as given) and labels ``(P,)``."""
+        if self.layout.session_json(session_id).exists():  # put after its probes: they are whole
+            self._ensure(f"sessions/{session_id}/probes.zarr/")
         path = self.layout.probes_zarr(session_id)
         if not path.exists():
             raise RunNotFoundError(f"No session {session_id!r} in {self.root}")
@@ -283,6 +374,7 @@ class Store:
         Example:
             >>> store.sql("SELECT epoch, val_accuracy FROM epochs WHERE run_id = 'run-…'")
         """
+        self._auto_refresh()
         return self._sql.query(query, timeout_s=timeout_s)
 
     # ------------------------------------------------------------------ internals used by SQL
@@ -327,6 +419,7 @@ class Store:
             >>> store.stamp() == before   # nothing happened in between
             True
         """
+        self._auto_refresh()
         runs_dir = self.layout.runs_dir
         out: list[Any] = []
         try:
@@ -355,10 +448,12 @@ class Store:
 
     def present(self) -> bool:
         """Whether the store is still there (its marker file exists)."""
+        self._auto_refresh()
         return self.layout.marker.exists()
 
     def runs_stamp(self) -> tuple[Any, ...]:
         """A fingerprint of the run list and every run's status file (cheaper than `stamp`)."""
+        self._auto_refresh()
         names = _names(self.layout.runs_dir)
         return names, tuple(_file_stamp(self.layout.status_json(n)) for n in names)
 
@@ -372,6 +467,7 @@ class Store:
             >>> store.run_stamp(run_id)["epochs"]
             ('e00000.parquet', 'e00001.parquet')
         """
+        self._auto_refresh()
         lay = self.layout
         return {
             "status": _file_stamp(lay.status_json(run_id)),
@@ -394,6 +490,8 @@ class Store:
 
     def epoch_arrays(self, run_id: str, epoch: int) -> str | None:
         """Where the Zarr group of one epoch record lives (for async readers), or None if missing."""
+        if int(epoch) in set(self._committed(run_id)):
+            self._ensure(f"runs/{run_id}/arrays.zarr/{epoch_tag(epoch)}/")
         path = self.layout.epoch_arrays(run_id, epoch)
         return str(path) if path.exists() else None
 
@@ -571,6 +669,8 @@ class Run:
     def checkpoint_path(self, epoch: int) -> Path:
         """Path of the checkpoint of ``epoch`` (resolved to the ancestor that recorded it)."""
         rec = self.epoch(epoch)
+        self.store._ensure(f"runs/{rec.run_id}/checkpoints/{epoch_tag(epoch)}")
+        self.store._ensure(f"runs/{rec.run_id}/arrays.zarr/{epoch_tag(epoch)}/")
         return self.store.layout.checkpoint(rec.run_id, epoch)
 
     # fork / steer / load_model cross layers (trainer, steering): `revacnn._facade` installs them.
@@ -648,6 +748,7 @@ class EpochRecord:
         self.store = store
         self.run_id = run_id
         self.epoch = epoch
+        store._ensure(f"runs/{run_id}/arrays.zarr/{epoch_tag(epoch)}/")
         path = store.layout.epoch_arrays(run_id, epoch)
         try:
             self._group = zarr.open_group(str(path), mode="r")

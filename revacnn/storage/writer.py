@@ -74,6 +74,8 @@ def create_session(
             "config": dict(config),
         },
     )
+    if getattr(store, "_mirror", None) is not None:  # a store at a URL: put the session (marker last)
+        store._mirror.push(f"sessions/{sid}")
     return sid
 
 
@@ -127,6 +129,33 @@ class RunWriter:
         self._sync = SyncSet()
         self._event_seq = 0
         self._last_beat = 0.0
+        self._mirror = getattr(store, "_mirror", None)
+        self._run_sync: Any = None
+
+    # ------------------------------------------------------------------ a store at a URL
+    def _push(self) -> None:
+        """Put the run's new files to the store's URL in commit order (no-op for a folder).
+
+        A failed push is logged, not raised: the epoch is committed in the cache, and the next push
+        (the background sync, the next commit) puts it.
+        """
+        if self._mirror is None:
+            return
+        try:
+            self._mirror.push(f"runs/{self.run_id}")
+        except Exception as exc:
+            log.warning("run %s not pushed to %s yet: %s", self.run_id, self._mirror.url, exc)
+
+    def _start_sync(self) -> None:
+        if self._mirror is not None and self._run_sync is None:
+            from ._sync import RunSync
+
+            self._run_sync = RunSync(self._mirror, self.run_id).start()
+
+    def _stop_sync(self) -> None:
+        sync, self._run_sync = self._run_sync, None
+        if sync is not None:
+            sync.stop()
 
     @classmethod
     def create(
@@ -158,6 +187,7 @@ class RunWriter:
             durable=w.durable,
         )
         w.set_status("running")
+        w._start_sync()
         return w
 
     # ------------------------------------------------------------------ lease
@@ -172,10 +202,12 @@ class RunWriter:
         except (OSError, ValueError):
             status = None
         self.lease.acquire(status if isinstance(status, dict) else None)
+        self._start_sync()
         return self
 
     def release(self) -> None:
         """Give up the run's lease (done by a terminal `set_status`)."""
+        self._stop_sync()
         self.lease.release()
 
     # ------------------------------------------------------------------ status
@@ -191,6 +223,9 @@ class RunWriter:
             info["finished_at"] = utcnow().isoformat()
         self._write_status(info, durable=self.durable and status != "running")
         self._status = info
+        if status != "running":
+            self._stop_sync()
+        self._push()
         if status != "running":
             self.release()
 
@@ -287,6 +322,7 @@ class RunWriter:
             raise
         if self.durable:
             fsync_dir(path.parent)
+        self._push()  # a URL: the epoch's objects, then its marker last
 
     def write_checkpoint(self, epoch: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write the checkpoint of ``epoch`` (an ``.npz``) atomically."""
@@ -321,6 +357,25 @@ class RunWriter:
                 stem = p.name.split(".")[0]
                 if p.name.startswith(".") or (stem[1:].isdigit() and int(stem[1:]) > epoch):
                     p.unlink(missing_ok=True)
+        if self._mirror is not None:  # and the uncommitted objects a killed writer left in the bucket
+            self._mirror.discard_after(self.run_id, epoch)
+            self._push()
+
+    def abandon(self) -> None:
+        """Remove the run entirely (a fork whose changes were refused): its folder, and its objects at a URL.
+
+        Example:
+            >>> w = RunWriter.create(store, session_id=sid, config={}); w.abandon()
+        """
+        self._stop_sync()
+        self.lease.release()
+        shutil.rmtree(self.layout.run_dir(self.run_id), ignore_errors=True)
+        if self._mirror is not None:
+            try:
+                keys = sorted(self._mirror.backend.list(f"runs/{self.run_id}/"), key=lambda k: "/run.json" not in k)
+                self._mirror.delete_remote(keys)  # run.json first: readers stop listing the run at once
+            except Exception as exc:
+                log.warning("run %s not removed from %s: %s", self.run_id, self._mirror.url, exc)
 
     # ------------------------------------------------------------------ events
     def find_event(self, event_id: str) -> dict[str, Any] | None:
@@ -368,6 +423,8 @@ class RunWriter:
             sync = SyncSet()
             sync.add_file(d / name)
             sync.flush()
+        if self._mirror is not None:  # in the bucket before its command leaves the queue
+            self._mirror.put_file(f"runs/{self.run_id}/tables/events/{name}")
         return row
 
     # ------------------------------------------------------------------ compaction
@@ -410,8 +467,10 @@ class RunWriter:
                     "written_at": utcnow().isoformat()}
         atomic_write_json(self.layout.manifest(self.run_id), manifest, durable=self.durable)
         kill_point("compaction_published")
+        self._push()  # a URL: merged files, then the manifest, then the old segments' deletion
         now = run_files(self.layout, self.run_id)
         self._remove_stale(now)
+        self._push()
         if now.epochs != rf.epochs:  # pragma: no cover - defensive
             raise RuntimeError(f"compaction lost epochs: {sorted(set(rf.epochs) - set(now.epochs))}")
 

@@ -485,9 +485,7 @@ def fork(
     except RevacnnError:
         # bad changes: nothing was trained, so leave no empty run behind
         trainer.recorder.close() if "trainer" in locals() else None
-        import shutil
-
-        shutil.rmtree(store.layout.run_dir(writer.run_id), ignore_errors=True)
+        writer.abandon()  # its folder, and its objects on a store at a URL
         raise
     # the fork point's training metrics are those of the epoch the parent trained
     m = rec.metrics

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import RevacnnError, SQLError, StoreNotFoundError
-from ..storage import Store, open_store
+from ..storage import Store, is_url, open_store, store_key
 
 log = logging.getLogger("revacnn.ui")
 
@@ -477,7 +477,7 @@ class StoreWatcher:
     _lock = threading.Lock()
 
     def __init__(self, root: Path, interval_s: float = 0.5) -> None:
-        self.root = Path(root)
+        self.root: Any = store_key(root) if is_url(root) else Path(root)
         self.interval_s = interval_s
         self.version = 0
         self._stamp: Any = None
@@ -493,11 +493,11 @@ class StoreWatcher:
     @classmethod
     def shared(cls, root: str | os.PathLike[str], interval_s: float = 0.5) -> StoreWatcher:
         """The watcher of ``root`` (created on first use)."""
-        key = str(Path(root).absolute())
+        key = store_key(root)
         with cls._lock:
             w = cls._instances.get(key)
             if w is None or not w._thread.is_alive():
-                w = cls(Path(key), interval_s)
+                w = cls(key, interval_s)
                 cls._instances[key] = w
             return w
 
@@ -665,7 +665,8 @@ class ReplayData:
     _ilock = threading.Lock()
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path).absolute()
+        key = store_key(path)
+        self.path: Any = key if is_url(key) else Path(key)
         self._store: Store | None = None
         self._lock = threading.RLock()
         self._arrays = _LRU(96)
@@ -679,7 +680,7 @@ class ReplayData:
     @classmethod
     def shared(cls, path: str | os.PathLike[str]) -> ReplayData:
         """The process-wide reader of ``path`` (shared by every browser session)."""
-        key = str(Path(path).absolute())
+        key = store_key(path)
         with cls._ilock:
             inst = cls._instances.get(key)
             if inst is None:

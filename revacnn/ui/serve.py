@@ -6,7 +6,6 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 APPS = ("replay", "live")
@@ -56,7 +55,9 @@ def serve(app: str, *, store: str, port: int = 5006, address: str = "127.0.0.1",
     if app not in APPS:
         sys.stderr.write(f"revacnn serve: error: Received: app={app!r} (expected one of {', '.join(APPS)})\n")
         return 2
-    store = str(Path(store).absolute())
+    from ..storage import store_key
+
+    store = store_key(store)
     os.environ.setdefault("REVACNN_STORE", store)
     allow_steering = address in LOOPBACK or bool(basic_auth)
     factories = {
