@@ -170,6 +170,7 @@ def test_fork_with_changes_from_a_replayed_epoch(parents):
 def test_gc_keeps_what_forks_need_and_removes_the_rest(parents, capsys):
     store, runs = parents
     p1 = runs[1]
+    b = fork(store, p1.run_id, 1, epochs=3, progress=False, name="gc-fork")  # K=1: checkpoints 1, 2, 3
     stray = store.layout.checkpoint(p1.run_id, 0).parent / ".e00009.ckpt.0123abcd.tmp"
     stray.write_bytes(b"x")
     assert main(["gc", "--store", str(store.root), "--dry-run", "--keep-every", "3"]) == 0
@@ -178,15 +179,18 @@ def test_gc_keeps_what_forks_need_and_removes_the_rest(parents, capsys):
     assert checkpoint_epochs(store.layout, p1.run_id) == [0, 1, 2, 3, 4] and stray.exists()
     freed = collect(store, every=3)
     gone = {(i.run_id, i.epoch) for i in freed}
-    # K=1 parent thinned to 3: epoch 1 goes; 0 (first, every 3rd), 2 (forks were made there), 3, 4 (last) stay
-    assert (p1.run_id, 1) in gone and (p1.run_id, None) in gone and not stray.exists()
-    assert checkpoint_epochs(store.layout, p1.run_id) == [0, 2, 3, 4]
+    # the K=1 parent keeps 0 and 3 (every 3rd), 4 (last) and the epochs forks were made from
+    points = {store.run(r).fork_epoch for r in store.run_ids() if store.run(r).parent_run_id == p1.run_id}
+    assert checkpoint_epochs(store.layout, p1.run_id) == sorted({0, 3, 4} | points) and 1 in points
+    assert (p1.run_id, None) in gone and not stray.exists()
+    # the K=1 fork from epoch 1 (epochs 1..3) thinned to 3: keeps 1 (its fork point) and 3 (last), frees 2
+    assert (b.run_id, 2) in gone and checkpoint_epochs(store.layout, b.run_id) == [1, 3]
     assert all(i.nbytes > 0 for i in freed if i.epoch is not None)
     assert collect(store) == []  # nothing more to free under each run's own retention
-    # a fork from the epoch whose checkpoint was freed still works, and equals the parent's record
-    child = fork(store, p1.run_id, 1, epochs=2, progress=False)
-    _same_record(child, p1, 1)
-    _same_record(child, p1, 2)
+    # a fork from the epoch whose checkpoint was freed still works, and equals the run's record
+    child = fork(store, b.run_id, 2, epochs=3, progress=False)
+    _same_record(child, b, 2)
+    _same_record(child, b, 3)
 
 
 # ------------------------------------------------------------------ resume after SIGKILL
