@@ -14,10 +14,10 @@ checkpoints and tables (Parquet):
 Bytes are deterministic (one recording per scheme); the ratio's denominator is the model's
 parameter bytes (every model variable, float32: 4 × ``model.count_params()`` plus BatchNorm
 statistics). ``--probes`` sets the probe images recorded per epoch (their float16 activations
-dominate the arrays). Also times a fork from a checkpointed epoch and from one that replays
-(``--forks`` alternated samples each, median and spread).
+dominate the arrays). With ``--forks N`` it also times a fork from a checkpointed epoch and one
+that replays 9 epochs (N alternated samples each, median and spread; off by default: slow).
 
-Usage: ``python benchmarks/bench_store.py [--epochs 20] [--probes 4] [--forks 5]``. Prints a table and,
+Usage: ``python benchmarks/bench_store.py [--epochs 20] [--probes 4] [--forks 0]``. Prints a table and,
 last, one JSON line (for ``benchmarks/run_all.py``).
 """
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--train-size", type=int, default=256)
-    ap.add_argument("--forks", type=int, default=5, help="alternated fork timing samples (0: none)")
+    ap.add_argument("--forks", type=int, default=0, help="alternated fork timing samples (0: none)")
     args = ap.parse_args(argv)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     rows = []
