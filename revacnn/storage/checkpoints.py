@@ -166,7 +166,10 @@ def decode(data: bytes, record: Callable[[str, str], np.ndarray] | None = None, 
         if "shared" in e:
             s = e["shared"]
             if record is None:
-                raise StoreError(f"Checkpoint {name} shares its kernels with its epoch record: read it with the run")
+                raise StoreError(
+                    f"Checkpoint {name} shares its kernels with its epoch record: read it with the run "
+                    "(`revacnn.trainer.checkpoint.load_run_checkpoint(run, epoch)` or `run.read_checkpoint(epoch)`)"
+                )
             a = np.asarray(TRANSFORMS[s["transform"]](np.asarray(record(s["layer"], s["key"])), shape), order="C")
             if a.dtype != dtype or zlib.crc32(a.tobytes()) != e["crc32"]:
                 raise CorruptStoreError(
