@@ -420,6 +420,7 @@ class Trainer:
                     )
                     break
             self.callbacks.on_train_end()
+            self.recorder.flush_checkpoint()  # retention: an early end keeps its last checkpoint
             self.recorder.close()  # the last epochs' writes must have succeeded too
             self._check_store()
         except KeyboardInterrupt:

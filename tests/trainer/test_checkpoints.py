@@ -19,6 +19,8 @@ from revacnn.storage.checkpoints import checkpoint_epochs, collect, decode, enco
 from revacnn.trainer import fork, train
 from revacnn.trainer.checkpoint import load_run_checkpoint, to_arrays
 
+from ..conftest import tiny_cnn
+
 CONV = ("conv1", "conv2", "conv3")
 METRICS = "epoch, loss, accuracy, val_loss, val_accuracy, lr, step, n_batches"
 
@@ -216,6 +218,22 @@ def test_resume_with_retention_after_sigkill(tmp_path):
     for e in range(4):
         _same_record(run, ref, e)
     assert kit.run_differences(store, run_id, ref_store, ref_id) == []  # events included
+
+
+def test_a_run_ended_early_keeps_its_last_epochs_checkpoint(keras_mod, tiny_data, tmp_path):
+
+
+    class StopAt2(keras_mod.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == 2:
+                self.model.stop_training = True
+
+    keras_mod.utils.set_random_seed(1)
+    run = revacnn.fit(tiny_cnn(keras_mod), tiny_data[0], validation_data=tiny_data[1], epochs=6, probes=2,
+                      store=tmp_path / "store", progress=False, embeddings=False, checkpoint_every=5,
+                      callbacks=[StopAt2()])
+    assert run.epochs() == [0, 1, 2] and run.config["checkpoint_every"] == 5
+    assert checkpoint_epochs(run.store.layout, run.run_id) == [0, 2]
 
 
 # ------------------------------------------------------------------ bad input
