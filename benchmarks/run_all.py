@@ -18,6 +18,7 @@ ORDER = [
     ("live", "bench_live.py", []),
     ("store_sql", "bench_store_sql.py", ["--old"]),
     ("store_commit", "bench_store_commit.py", []),
+    ("store", "bench_store.py", []),
 ]
 
 

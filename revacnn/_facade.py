@@ -57,8 +57,11 @@ def steer(self: Run, op: str, *args: Any, wait: bool = True, timeout_s: float = 
     return wait_for_event(self.store, self.run_id, cmd.command_id, timeout_s=timeout_s)
 
 
-def load_model(self: Run, epoch: int | None = None) -> keras.Model:
+def load_model(self: Run, epoch: int | None = None, **kwargs: Any) -> keras.Model:
     """A `keras.Model` holding the weights of ``epoch`` (default: the last committed one).
+
+    An epoch without a checkpoint (retention ``checkpoint_every`` > 1) is replayed from the
+    nearest earlier one; a run on custom data then needs ``data=(train, validation)``.
 
     Example:
         >>> model = run.load_model(3)
@@ -67,10 +70,13 @@ def load_model(self: Run, epoch: int | None = None) -> keras.Model:
         epoch = self.last_epoch()
         if epoch is None:
             raise EpochNotFoundError(f"Run {self.run_id} has no committed epoch yet")
-    path = self.checkpoint_path(epoch)  # raises EpochNotFoundError before TensorFlow is imported
-    from .trainer.checkpoint import load_checkpoint, model_from_checkpoint
+    self.epoch(epoch)  # raises EpochNotFoundError before TensorFlow is imported
+    from .trainer.checkpoint import model_from_checkpoint
+    from .trainer.replay import restore_checkpoint, say
 
-    return model_from_checkpoint(load_checkpoint(path))
+    ckpt, how = restore_checkpoint(self.store, self, epoch, kwargs.get("data"), save=False)
+    say(how, self.run_id)
+    return model_from_checkpoint(ckpt)
 
 
 def install() -> None:

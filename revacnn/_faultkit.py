@@ -30,19 +30,21 @@ COMMAND_ID = "cmd-faultkit0001"
 
 
 def child_args(*, epochs: int = 3, train_size: int = 256, val_size: int = 64, batch_size: int = 32,
-               probes: int = 4, seed: int = 5) -> list[str]:
+               probes: int = 4, seed: int = 5, checkpoint_every: int = 1) -> list[str]:
     """The child's command-line arguments for a config."""
     return ["--epochs", str(epochs), "--train-size", str(train_size), "--val-size", str(val_size),
-            "--batch-size", str(batch_size), "--probes", str(probes), "--seed", str(seed)]
+            "--batch-size", str(batch_size), "--probes", str(probes), "--seed", str(seed),
+            "--checkpoint-every", str(checkpoint_every)]
 
 
 def config(*, epochs: int = 3, train_size: int = 256, val_size: int = 64, batch_size: int = 32,
-           probes: int = 4, seed: int = 5) -> Any:
+           probes: int = 4, seed: int = 5, checkpoint_every: int = 1) -> Any:
     """The `TrainConfig` the child trains (same defaults as `child_args`)."""
     from .config import TrainConfig
 
     return TrainConfig(dataset="shapes", model="convnetjs", epochs=epochs, train_size=train_size,
-                       val_size=val_size, batch_size=batch_size, probes=probes, seed=seed, embeddings=False)
+                       val_size=val_size, batch_size=batch_size, probes=probes, seed=seed, embeddings=False,
+                       checkpoint_every=checkpoint_every)
 
 
 def queue_command(store: Any, run_id: str) -> None:
@@ -177,7 +179,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("store")
-    for name in ("epochs", "train-size", "val-size", "batch-size", "probes", "seed"):
+    for name in ("epochs", "train-size", "val-size", "batch-size", "probes", "seed", "checkpoint-every"):
         t.add_argument(f"--{name}", type=int)
     args = p.parse_args(argv)
     import revacnn

@@ -1,4 +1,4 @@
-"""The ``revacnn`` command: train, fork, resume, steer, runs, sql, compare, serve, demo."""
+"""The ``revacnn`` command: train, fork, resume, steer, runs, sql, compare, gc, serve, demo."""
 
 from __future__ import annotations
 
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--auto-freeze", action="store_true",
                    help="freeze conv layers bottom-up once the filter doctor finds them converged, "
                         "as recorded events (default: off; see docs/diagnoses.md)")
+    t.add_argument("--checkpoint-every", type=_count, default=1, metavar="K",
+                   help="exact checkpoint every K epochs, and at epoch 0, the last epoch and fork points; "
+                        "forks from other epochs replay from the nearest earlier one (default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
 
     f = sub.add_parser("fork", help="branch a new run from a recorded epoch, with changes")
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--auto-freeze", action="store_true", default=None,
                    help="freeze converged conv layers bottom-up from the fork point on "
                         "(default: as the parent)")
+    f.add_argument("--checkpoint-every", type=_count, default=None, metavar="K",
+                   help="the fork's checkpoint retention: every K epochs (default: the parent's)")
     f.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
     f.add_argument("--dry-run", action="store_true",
                    help="print the surgery plan (every layer and channel each change touches) and "
@@ -201,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_a", help="the first run's id")
     c.add_argument("run_b", help="the second run's id (differences are b - a)")
     c.add_argument("--format", choices=FORMATS, default="table", help="output format (default: %(default)s)")
+
+    g = sub.add_parser("gc", help="remove the checkpoints no fork or resume can need")
+    _store_arg(g)
+    g.add_argument("--dry-run", action="store_true", help="only print what would be removed (default: remove)")
+    g.add_argument("--keep-every", type=_count, default=None, metavar="K",
+                   help="thin every run to a checkpoint every K epochs (plus first, last and fork points; "
+                        "default: each run's own --checkpoint-every)")
 
     sv = sub.add_parser("serve", help="serve the Panel app")
     _store_arg(sv)
@@ -332,7 +344,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dataset=args.dataset, data_dir=args.data_dir, model=args.model, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, train_size=args.train_size,
         val_size=args.val_size, probes=args.probes, seed=args.seed, name=args.name,
-        embeddings=not args.no_embeddings, auto_freeze=args.auto_freeze,
+        embeddings=not args.no_embeddings, auto_freeze=args.auto_freeze, checkpoint_every=args.checkpoint_every,
     ).validate()
     if args.data_dir is not None and not Path(args.data_dir).exists():
         raise ConfigError(f"Received: --data-dir {args.data_dir} (no such folder or file)")
@@ -358,7 +370,7 @@ def cmd_fork(args: argparse.Namespace) -> int:
         return _dry_run(store, args.run, changes, args.epoch)
     run = fork(store, args.run, args.epoch, changes=changes, epochs=args.epochs, lr=args.lr, name=args.name,
                progress=not args.quiet, on_start=lambda rid: print(rid, flush=True),
-               auto_freeze=args.auto_freeze)
+               auto_freeze=args.auto_freeze, checkpoint_every=args.checkpoint_every)
     return 0 if run.status in ("finished", "stopped") else 1
 
 
@@ -443,6 +455,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .storage.checkpoints import collect
+
+    items = collect(_open(args), dry_run=args.dry_run, every=args.keep_every)
+    verb = "would free" if args.dry_run else "freed"
+    by_run: dict[str, list[Any]] = {}
+    for it in items:
+        by_run.setdefault(it.run_id, []).append(it)
+    for rid, its in by_run.items():
+        epochs = sorted(i.epoch for i in its if i.epoch is not None)
+        others = sum(1 for i in its if i.epoch is None)
+        what = (f"checkpoints of epochs {', '.join(map(str, epochs))}" if epochs else "")
+        what += (" and " if what and others else "") + (f"{others} temporary file(s)" if others else "")
+        print(f"{rid}: {verb} {sum(i.nbytes for i in its) / 1e6:.2f} MB ({what})")
+    total = sum(i.nbytes for i in items)
+    print(f"{verb} {total / 1e6:.2f} MB in {len(items)} file(s) of {len(by_run)} run(s)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _check_listen(args.address, args.port)
     _open(args, mode="a")
@@ -468,6 +499,7 @@ COMMANDS = {
     "runs": cmd_runs,
     "sql": cmd_sql,
     "compare": cmd_compare,
+    "gc": cmd_gc,
     "serve": cmd_serve,
     "demo": cmd_demo,
 }

@@ -38,6 +38,7 @@ class TrainConfig:
     embeddings: bool = True  # compute t-SNE embeddings (in a worker, off the training hot path)
     live_every_s: float = 1.0  # period of the live snapshot for the live app (0 disables it)
     auto_freeze: bool = False  # freeze converged conv layers bottom-up, as events (docs/diagnoses.md)
+    checkpoint_every: int = 1  # exact checkpoint every K epochs (and first, last, fork points); others replay
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, e.g. what a fork changed
     runtime: dict[str, Any] = field(default_factory=dict)  # threads and oneDNN setting it ran under
 
@@ -59,6 +60,7 @@ class TrainConfig:
                 raise ConfigError(f"Received: {key}={v!r} (expected an integer >= 1, or all)")
         if not isinstance(self.probes, int) or self.probes < 1:
             raise ConfigError(f"Received: probes={self.probes!r} (expected an integer >= 1)")
+        check_checkpoint_every(self.checkpoint_every)
         if self.embedding_features not in ("weights", "activations", "gradients"):
             raise ConfigError(
                 f"Received: embedding_features={self.embedding_features!r} "
@@ -76,3 +78,17 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def check_checkpoint_every(value: Any) -> int:
+    """``value`` as a checkpoint retention K (an integer >= 1), else `ConfigError`.
+
+    Example:
+        >>> check_checkpoint_every(5)
+        5
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"Received: checkpoint_every={value!r} (expected an integer >= 1: an exact checkpoint every K epochs)"
+        )
+    return value

@@ -124,6 +124,9 @@ BAD_INPUT = [
     (["steer", "run-nope", "freeze", "conv1", "--store", "{store}"], "run-nope"),
     # runs
     (["runs", "--store", "{missing}"], "No revacnn store"),
+    (["gc", "--store", "{missing}"], "No revacnn store"),
+    (["gc", "--keep-every", "0"], "argument --keep-every: expected an integer >= 1, received 0"),
+    (["train", "--checkpoint-every", "0"], "argument --checkpoint-every: expected an integer >= 1, received 0"),
     (["runs", "--store", "{file}"], "(a file; expected a store folder)"),
     # sql
     (["sql", "", "--store", "{store}"], "argument query: expected a non-empty value"),
@@ -254,7 +257,7 @@ def test_every_option_says_what_it_does_and_its_default():
     import argparse
 
     subs = _subparsers()
-    assert set(subs) == {"train", "fork", "resume", "steer", "runs", "sql", "compare", "serve", "demo"}
+    assert set(subs) == {"train", "fork", "resume", "steer", "runs", "sql", "compare", "gc", "serve", "demo"}
     for cmd, sub in subs.items():
         text = sub.format_help()  # expands every %(default)s
         for action in sub._actions:

@@ -208,6 +208,15 @@ class Store:
         if self._mirror is not None:
             self.refresh(force=False)
 
+    def _remote_checkpoints(self, run_id: str) -> set[int]:
+        """Epochs of ``run_id`` with a checkpoint object on the object store (empty for a folder)."""
+        if self._mirror is None:
+            return set()
+        from .checkpoints import _epoch_of as ckpt_epoch
+
+        names = self._mirror.backend.list(f"runs/{run_id}/checkpoints/")
+        return {e for k in names if (e := ckpt_epoch(k.rsplit("/", 1)[-1])) is not None}
+
     def _ensure(self, prefix: str) -> None:
         """Fetch the objects below ``prefix`` (arrays of a committed epoch, a checkpoint) into the cache."""
         if self._mirror is not None:
@@ -667,11 +676,54 @@ class Run:
         return read_run_table(self.store.layout, self.run_id, table).to_pandas()
 
     def checkpoint_path(self, epoch: int) -> Path:
-        """Path of the checkpoint of ``epoch`` (resolved to the ancestor that recorded it)."""
+        """Path of the checkpoint of ``epoch`` (resolved to the ancestor that recorded it).
+
+        The compact ``.ckpt`` file, else an old store's ``.npz``; with retention
+        (``checkpoint_every`` > 1) the path may not exist: see `checkpoint_epochs`.
+        """
+        from .checkpoints import checkpoint_file, compact_path
+
         rec = self.epoch(epoch)
         self.store._ensure(f"runs/{rec.run_id}/checkpoints/{epoch_tag(epoch)}")
         self.store._ensure(f"runs/{rec.run_id}/arrays.zarr/{epoch_tag(epoch)}/")
-        return self.store.layout.checkpoint(rec.run_id, epoch)
+        return checkpoint_file(self.store.layout, rec.run_id, epoch) or compact_path(
+            self.store.layout, rec.run_id, epoch
+        )
+
+    def checkpoint_epochs(self) -> list[int]:
+        """The epochs of this run's full history that have an exact checkpoint, ascending.
+
+        Example:
+            >>> run.checkpoint_epochs()
+            [0, 5, 10]
+        """
+        from .checkpoints import checkpoint_epochs
+
+        own = {}
+        for e, source in self.history():
+            own.setdefault(source, set()).add(e)
+        out = []
+        for source, epochs in own.items():
+            have = set(checkpoint_epochs(self.store.layout, source)) | self.store._remote_checkpoints(source)
+            out += [e for e in have if e in epochs]
+        return sorted(out)
+
+    def read_checkpoint(self, epoch: int) -> Any:
+        """The decoded checkpoint of ``epoch`` (`revacnn.storage.checkpoints.CheckpointData`).
+
+        Kernels the checkpoint shares with the epoch record are read from the record.
+
+        Raises:
+            EpochNotFoundError: no such committed epoch. StoreError: it has no checkpoint.
+        """
+        from .checkpoints import read_checkpoint_file
+
+        rec = self.epoch(epoch)
+
+        def record(layer: str, key: str) -> np.ndarray:
+            return getattr(rec.layer(layer), key) if key in ("kernel", "bias") else rec.layer(layer).array(key)
+
+        return read_checkpoint_file(self.checkpoint_path(epoch), record)
 
     # fork / steer / load_model cross layers (trainer, steering): `revacnn._facade` installs them.
 
@@ -716,6 +768,10 @@ class LayerRecord:
 
     def has(self, key: str) -> bool:
         return key in self.group
+
+    def array(self, key: str) -> np.ndarray:
+        """Any array of the layer's record by name (e.g. a separable conv's ``depthwise_kernel``)."""
+        return self._get(key)
 
     @cached_property
     def kind(self) -> str:

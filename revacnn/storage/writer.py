@@ -324,8 +324,21 @@ class RunWriter:
             fsync_dir(path.parent)
         self._push()  # a URL: the epoch's objects, then its marker last
 
-    def write_checkpoint(self, epoch: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write the checkpoint of ``epoch`` (an ``.npz``) atomically."""
+    def write_checkpoint(self, epoch: int, arrays: bytes | Mapping[str, np.ndarray]) -> None:
+        """Write the checkpoint of ``epoch`` atomically.
+
+        ``arrays``: the bytes of a compact checkpoint (`revacnn.storage.checkpoints.encode`,
+        written as ``eNNNNN.ckpt``), or named arrays for an old-style ``.npz``.
+        """
+        if isinstance(arrays, (bytes, bytearray, memoryview)):
+            from .checkpoints import compact_path, write_file
+
+            path = compact_path(self.layout, self.run_id, epoch)
+            write_file(path, bytes(arrays))
+            if self.durable:  # synced with the rest of the epoch, before its marker
+                self._sync.add_file(path)
+                self._sync.add_dir(path.parent.parent)
+            return
         path = self.layout.checkpoint(self.run_id, epoch)
         write_point(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,6 +349,11 @@ class RunWriter:
         if self.durable:  # synced with the rest of the epoch, before its marker
             self._sync.add_file(path)
             self._sync.add_dir(path.parent.parent)
+
+    def sync(self) -> None:
+        """Flush (fsync) what this writer wrote since the last commit (durable stores)."""
+        if self.durable:
+            self._sync.flush()
 
     def discard_after(self, epoch: int) -> None:
         """Remove every trace of epochs after ``epoch`` and half-written files (before resuming)."""

@@ -1,9 +1,8 @@
-"""Checkpoints: every model and optimizer variable, seed states and trainer state, in one .npz."""
+"""Checkpoints: every model and optimizer variable, seed states and trainer state; compact files sharing kernels with the record."""
 
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import keras
 import numpy as np
 
 from ..errors import CorruptStoreError, StoreError
+from ..storage.checkpoints import CheckpointData, SharedSource, encode, read_checkpoint_file
 
 
 @dataclass
@@ -36,6 +36,32 @@ class Checkpoint:
     optimizer_vars: list[np.ndarray]
     state: dict[str, Any] = field(default_factory=dict)
     compile_config: dict[str, Any] = field(default_factory=dict)
+    #: per model variable index, the epoch-record array that may hold it (kernels, biases)
+    sources: dict[int, SharedSource] = field(default_factory=dict)
+
+
+def shared_sources(model: keras.Model) -> dict[int, SharedSource]:
+    """Which of ``model.variables`` the epoch record holds: each recorded layer's kernel and bias.
+
+    Conv2D (any groups), a separable conv's pointwise and depthwise kernels, DepthwiseConv2D and
+    Dense kernels, and every recorded bias. Whether the record really holds one bit for bit is
+    checked when the checkpoint is written (`encode`); a variable it does not hold is stored.
+
+    Example:
+        >>> sorted(s.key for s in shared_sources(model).values())
+        ['bias', 'bias', 'kernel', 'kernel']
+    """
+    from ..models.graph import recorded_layers
+
+    where: dict[int, SharedSource] = {}
+    for r in recorded_layers(model):
+        kt = {"depthwise": "depthwise", "dense": "transpose"}.get(r.ctype, "filters_last")
+        where[id(r.kernel_var)] = SharedSource(r.name, "kernel", kt)
+        if r.bias_var is not None:
+            where[id(r.bias_var)] = SharedSource(r.name, "bias", "identity")
+        if r.ctype == "separable":
+            where[id(r.layer.depthwise_kernel)] = SharedSource(r.name, "depthwise_kernel", "identity")
+    return {i: where[id(v)] for i, v in enumerate(model.variables) if id(v) in where}
 
 
 def capture(model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict[str, Any]) -> Checkpoint:
@@ -48,6 +74,7 @@ def capture(model: keras.Model, optimizer: keras.optimizers.Optimizer, state: di
         optimizer_vars=[np.array(v.numpy()) for v in optimizer.variables],
         state=json.loads(json.dumps(state, default=_jsonable)),
         compile_config=compile_config_of(model),
+        sources=shared_sources(model),
     )
 
 
@@ -80,9 +107,8 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def to_arrays(ckpt: Checkpoint) -> dict[str, np.ndarray]:
-    """The `Checkpoint` as named arrays for ``np.savez``."""
-    meta = {
+def _meta(ckpt: Checkpoint) -> dict[str, Any]:
+    return {
         "model_config": ckpt.model_config,
         "model_paths": ckpt.model_paths,
         "optimizer_config": ckpt.optimizer_config,
@@ -91,7 +117,11 @@ def to_arrays(ckpt: Checkpoint) -> dict[str, np.ndarray]:
         "state": ckpt.state,
         "compile_config": ckpt.compile_config,
     }
-    out: dict[str, np.ndarray] = {"__meta__": np.array(json.dumps(meta, default=_jsonable))}
+
+
+def to_arrays(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """The `Checkpoint` as named arrays for ``np.savez`` (the old, uncompressed format)."""
+    out: dict[str, np.ndarray] = {"__meta__": np.array(json.dumps(_meta(ckpt), default=_jsonable))}
     for i, v in enumerate(ckpt.model_vars):
         out[f"model_{i:04d}"] = v
     for i, v in enumerate(ckpt.optimizer_vars):
@@ -99,33 +129,67 @@ def to_arrays(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     return out
 
 
+def to_bytes(ckpt: Checkpoint, record: Any = None) -> bytes:
+    """The `Checkpoint` as a compact file (zstd, byte shuffle); kernels ``record`` holds exactly are shared.
+
+    Args:
+        ckpt: the checkpoint.
+        record: ``record(layer, key)``: the array the epoch record holds (record layout), or None.
+
+    Example:
+        >>> data = to_bytes(capture(model, model.optimizer, {}), record=lambda layer, key: None)
+    """
+    meta = json.loads(json.dumps(_meta(ckpt), default=_jsonable))
+    data, _ = encode(meta, ckpt.model_vars, ckpt.optimizer_vars, sources=ckpt.sources, record=record)
+    return data
+
+
+def from_data(d: CheckpointData) -> Checkpoint:
+    """A `Checkpoint` from a decoded file."""
+    meta = d.meta
+    return Checkpoint(
+        model_config=meta["model_config"],
+        model_vars=d.model,
+        model_paths=meta["model_paths"],
+        optimizer_config=meta["optimizer_config"],
+        optimizer_vars=d.opt,
+        state=meta["state"],
+        compile_config=meta.get("compile_config", {}),
+    )
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint file.
+    """Read a checkpoint file (compact ``.ckpt`` without shared kernels, or an old ``.npz``).
+
+    A compact checkpoint that shares kernels with its epoch record needs the run: use
+    `load_run_checkpoint`.
 
     Raises:
         StoreError: the file is missing or corrupt.
     """
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["__meta__"]))
-            model_vars = [z[f"model_{i:04d}"] for i in range(meta["n_model"])]
-            opt_vars = [z[f"opt_{i:04d}"] for i in range(meta["n_optimizer"])]
-    except FileNotFoundError:
-        raise StoreError(f"Checkpoint {path} is missing") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        return from_data(read_checkpoint_file(Path(path)))
+    except (KeyError, TypeError) as exc:
+        raise CorruptStoreError(f"Checkpoint {path} is corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def load_run_checkpoint(run: Any, epoch: int) -> Checkpoint:
+    """The checkpoint of ``run``'s ``epoch``, its shared kernels read from the epoch record.
+
+    Raises:
+        EpochNotFoundError: no such committed epoch. StoreError: the epoch has no checkpoint.
+
+    Example:
+        >>> ckpt = load_run_checkpoint(store.run(run_id), 3)
+    """
+    try:
+        return from_data(run.read_checkpoint(epoch))
+    except (KeyError, TypeError) as exc:
+        if type(exc).__module__.startswith("revacnn"):
+            raise
         raise CorruptStoreError(
-            f"Checkpoint {path} is corrupt ({type(exc).__name__}: {exc}); fork or resume from "
-            "another epoch (its other epochs are unaffected)"
+            f"Checkpoint of run {run.run_id} epoch {epoch} is corrupt ({type(exc).__name__}: {exc})"
         ) from None
-    return Checkpoint(
-        model_config=meta["model_config"],
-        model_vars=model_vars,
-        model_paths=meta["model_paths"],
-        optimizer_config=meta["optimizer_config"],
-        optimizer_vars=opt_vars,
-        state=meta["state"],
-        compile_config=meta.get("compile_config", {}),
-    )
 
 
 def model_from_checkpoint(ckpt: Checkpoint, *, compiled: bool = True) -> keras.Model:

@@ -12,17 +12,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..config import TrainConfig
+from ..config import TrainConfig, check_checkpoint_every
 from ..errors import ConfigError, EpochNotFoundError, RevacnnError, RunBusyError
 from ..models import build_model, validate_model
 from ..storage import Run, RunWriter, Store, create_session, open_store
-from .checkpoint import (
-    assign_model,
-    compile_model,
-    load_checkpoint,
-    model_from_checkpoint,
-    optimizer_from_checkpoint,
-)
+from .checkpoint import load_run_checkpoint
 from .sources import ArraySource, class_indices
 from .trainer import TrainData, Trainer, TrainerState
 
@@ -152,6 +146,7 @@ def fit(
     embeddings: bool = True,
     deterministic: bool = True,
     auto_freeze: bool = False,
+    checkpoint_every: int = 1,
 ) -> Run:
     """Train a Keras model as compiled and record every epoch (epoch 0 = initialisation) into a store.
 
@@ -178,6 +173,9 @@ def fit(
         embeddings: compute t-SNE embeddings of the filters.
         deterministic: enable TF op determinism (exact replays of forks and resumes).
         auto_freeze: freeze converged conv layers bottom-up, as recorded events (docs/diagnoses.md).
+        checkpoint_every: keep an exact checkpoint every K epochs (and at epoch 0, the last epoch
+            and fork points); a fork or resume from any other epoch replays from the nearest
+            earlier checkpoint, bit-exactly.
 
     Returns:
         The recorded `Run`.
@@ -190,6 +188,7 @@ def fit(
         raise ConfigError(f"Received: epochs={epochs!r} (expected an integer >= 0)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"Received: batch_size={batch_size!r} (expected an integer >= 1)")
+    check_checkpoint_every(checkpoint_every)
     validate_model(model)
     st = store if isinstance(store, Store) else open_store(store)
     tdata = TrainData.of(data, validation_data)
@@ -202,7 +201,7 @@ def fit(
         lr=float(np.asarray(optimizer.learning_rate)), optimizer=type(optimizer).__name__.lower(),
         train_size=n_train, val_size=n_val, probes=probes if isinstance(probes, int) else len(probes[1]),
         seed=seed, name=name, embeddings=embeddings, deterministic=deterministic,
-        auto_freeze=bool(auto_freeze), runtime=runtime_settings(),
+        auto_freeze=bool(auto_freeze), runtime=runtime_settings(), checkpoint_every=checkpoint_every,
         extra={"data": tdata.train.kind, "validation_data": tdata.val.kind if tdata.val else None},
     )
     _setup_determinism(cfg)
@@ -274,13 +273,10 @@ def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start:
 
 
 def _restore(run: Run, epoch: int) -> tuple[keras.Model, keras.optimizers.Optimizer, dict[str, Any]]:
-    """The model of ``run``'s epoch, compiled as it trained (optimizer state, loss, metrics)."""
-    ckpt = load_checkpoint(run.checkpoint_path(epoch))
-    model = model_from_checkpoint(ckpt, compiled=False)
-    optimizer = optimizer_from_checkpoint(ckpt, model)
-    assign_model(model, ckpt)
-    compile_model(model, optimizer, ckpt.compile_config)
-    return model, optimizer, ckpt.state
+    """The model of ``run``'s checkpointed epoch, compiled as it trained (optimizer state, loss, metrics)."""
+    from .replay import build
+
+    return build(load_run_checkpoint(run, epoch))
 
 
 def _data_for(run: Run, config: TrainConfig, data: Any) -> TrainData:
@@ -325,8 +321,8 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
         if run.parent_run_id is None and TrainConfig.from_dict(run.config).dataset != "custom":
             return _restart(store, run, writer, progress=progress)
         raise EpochNotFoundError(f"Run {run_id} has no committed epoch to resume from")
-    last = own[-1]
     config = TrainConfig.from_dict(run.config)
+    last = _resume_point(store, run, own)
     _setup_determinism(config)
     check_runtime(config, "resume")
     model, optimizer, state = _restore(run, last)
@@ -347,6 +343,26 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     trainer.recorder._prev = _prev_from_model(trainer)
     trainer.run(start_epoch=last, epochs=config.epochs, record_start=False)
     return store.run(run_id)
+
+
+def _resume_point(store: Store, run: Run, own: list[int]) -> int:
+    """The epoch a resume continues from: the last committed one with a checkpoint (retention K > 1).
+
+    Later committed epochs are discarded and recorded again, identically (a deterministic replay).
+    """
+    from ..storage.checkpoints import checkpoint_epochs
+
+    have = set(checkpoint_epochs(store.layout, run.run_id))
+    at = [e for e in own if e in have]
+    if not at:
+        raise EpochNotFoundError(f"Run {run.run_id} has no checkpoint among its committed epochs {own}")
+    last = at[-1]
+    if last != own[-1]:
+        msg = (f"revacnn: run {run.run_id} resumes from its checkpoint at epoch {last} (epochs {last + 1}.."
+               f"{own[-1]} have none): they are trained and recorded again, identically")
+        log.info(msg)
+        print(msg, file=sys.stderr)
+    return last
 
 
 def _restart(store: Store, run: Run, writer: RunWriter, *, progress: bool) -> Run:
@@ -404,6 +420,7 @@ def fork(
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
     batch_size: int | None = None,
     auto_freeze: bool | None = None,
+    checkpoint_every: int | None = None,
 ) -> Run:
     """Branch a new run from ``run_id``'s recorded ``epoch`` with ``changes`` applied at that point.
 
@@ -420,6 +437,10 @@ def fork(
         callbacks: Keras callbacks for the fork's training.
         batch_size: a new batch size for array data (default: the parent's).
         auto_freeze: freeze converged layers bottom-up from the fork point on (default: as the parent).
+        checkpoint_every: the fork's checkpoint retention K (default: the parent's). A fork from
+            an epoch without a checkpoint replays the parent from its nearest earlier checkpoint
+            (bit-exact with the parent's record, said on stderr and in the fork's config
+            ``extra["replayed"]``), and that epoch becomes checkpointed.
 
     Returns:
         The new `Run`.
@@ -448,15 +469,22 @@ def fork(
     config.name = name
     if auto_freeze is not None:
         config.auto_freeze = bool(auto_freeze)
+    if checkpoint_every is not None:
+        config.checkpoint_every = check_checkpoint_every(checkpoint_every)
     config.extra = {**{k: v for k, v in config.extra.items() if k in ("data", "validation_data")},
                     "fork_changes": [c.to_json() for c in changes]}
     _setup_determinism(config)
     check_runtime(config, "fork")
     config.runtime = runtime_settings()
-    source = store.run(rec.run_id)
-    model, optimizer, state = _restore(source, epoch)
-    tstate = TrainerState.from_dict(state["trainer"])
+    from .replay import build, restore_checkpoint, say
+
     data_ = _data_for(parent, config, data)
+    ckpt, how = restore_checkpoint(store, parent, epoch, data_, progress=progress)
+    say(how, rec.run_id)
+    if how.replayed:
+        config.extra["replayed"] = how.to_dict()
+    model, optimizer, state = build(ckpt)
+    tstate = TrainerState.from_dict(state["trainer"])
     _skip_to(data_, epoch)
     writer = RunWriter.create(
         store, session_id=parent.session_id, config=config.to_dict(), name=name,

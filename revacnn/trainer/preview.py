@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import EpochNotFoundError
 from ..steering import graph
 from ..storage import Store
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import model_from_checkpoint
 
 
 def preview(
@@ -43,7 +43,10 @@ def preview(
         epoch = run.last_epoch()
         if epoch is None:
             raise EpochNotFoundError(f"Run {run_id} has no committed epoch to plan against yet")
-    ckpt = load_checkpoint(run.checkpoint_path(epoch))
+    from .replay import restore_checkpoint, say
+
+    ckpt, how = restore_checkpoint(store, run, epoch, save=False)
+    say(how, run_id)
     model = model_from_checkpoint(ckpt)
     frozen = set(ckpt.state.get("trainer", {}).get("frozen_layers", []))
     out: list[graph.Plan | str] = []

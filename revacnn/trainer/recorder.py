@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..storage import RunWriter
-from .checkpoint import Checkpoint, to_arrays
+from .checkpoint import Checkpoint, to_bytes
 
 log = logging.getLogger("revacnn.recorder")
 
@@ -48,6 +48,9 @@ class EpochSnapshot:
     probe_labels: np.ndarray
     checkpoint: Checkpoint | None
     parents: dict[str, dict[int, int]] = field(default_factory=dict)  # layer -> new uid -> parent uid
+    #: retention: write the checkpoint now; otherwise it is held until the next epoch, in case
+    #: this epoch turns out to be the run's last (`Recorder.flush_checkpoint`)
+    write_checkpoint: bool = True
 
 
 class Recorder:
@@ -96,6 +99,7 @@ class Recorder:
         }
         self._prev_acts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._held: tuple[int, Checkpoint, dict[str, Any]] | None = None
         self.errors: list[str] = []
         #: set when the store cannot be written (a full disk …): the trainer stops with `failed`
         self.fatal: str | None = None
@@ -127,6 +131,17 @@ class Recorder:
             "init": {layer: {str(u): k.tolist() for u, k in by_uid.items()}
                      for layer, by_uid in self._init.items()},
         }
+
+    def flush_checkpoint(self) -> None:
+        """Queue the write of the last committed epoch's held checkpoint (retention: a run's last epoch)."""
+        self._queue.put(("call", (self._write_held, ())))
+
+    def _write_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self.fatal:
+            epoch, ckpt, arrays = held
+            self.writer.write_checkpoint(epoch, to_bytes(ckpt, _record_lookup(arrays)))
+            self.writer.sync()
 
     def close(self, timeout: float | None = None) -> None:
         """Finish every queued write, then stop the worker."""
@@ -322,16 +337,21 @@ class Recorder:
         }
         w = self.writer
         t_write = time.perf_counter()
+        held = None
         if snap.checkpoint is not None:
-            snap.checkpoint.state["tracker"] = self.tracker_state()
-            snap.checkpoint.state["doctor"] = self.doctor_state()
-            w.write_checkpoint(epoch, to_arrays(snap.checkpoint))
+            snap.checkpoint.state["tracker"] = _copy_state(self.tracker_state())
+            snap.checkpoint.state["doctor"] = _copy_state(self.doctor_state())
+            if snap.write_checkpoint:
+                w.write_checkpoint(epoch, to_bytes(snap.checkpoint, _record_lookup(arrays)))
+            else:
+                held = (epoch, snap.checkpoint, arrays)
         w.write_arrays(epoch, arrays, {"metrics": _jsonable(snap.metrics)}, extra={"predictions": probs})
         w.write_rows("layers", epoch, layer_rows)
         w.write_rows("filters", epoch, filter_rows)
         w.write_rows("predictions", epoch, pred_rows)
         w.write_rows("diagnoses", epoch, diag_rows)
         w.commit(epoch, snap.metrics)
+        self._held = held
         self.write_s.append(time.perf_counter() - t_write)
         self.committed.append(epoch)
         self.last_commit_at = time.time()
@@ -440,3 +460,28 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
             v = None
         out[k] = v
     return out
+
+
+def _copy_state(state: Any) -> Any:
+    """A deep, JSON-able copy of a tracker or doctor state (a held checkpoint must not see later epochs)."""
+    if state is None:
+        return None
+    return json.loads(json.dumps(state, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _record_lookup(arrays: dict[str, dict[str, Any]]) -> Any:
+    """``record(layer, key)`` over the arrays an epoch record is written from (None where absent)."""
+
+    def record(layer: str, key: str) -> np.ndarray | None:
+        v = arrays.get(layer, {}).get(key)
+        return None if v is None else np.asarray(v)
+
+    return record

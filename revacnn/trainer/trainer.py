@@ -336,6 +336,12 @@ class Trainer:
         if checkpoint:
             self.state.epoch = epoch
             ckpt = capture(self.model, self.optimizer, {"trainer": self.state.to_dict(), "config": self.config.to_dict()})
+        from ..storage.checkpoints import due
+
+        every = int(getattr(self.config, "checkpoint_every", 1) or 1)
+        first = getattr(self, "_first_epoch", None)
+        write = due(epoch, every, first=-1 if first is None else first,
+                    last=getattr(self, "_last_epoch", self.config.epochs))
         parents, self._pending_parents = self._pending_parents, {}
         return EpochSnapshot(
             epoch=epoch,
@@ -345,6 +351,7 @@ class Trainer:
             probe_labels=self.probe_labels,
             checkpoint=ckpt,
             parents=parents,
+            write_checkpoint=write,
         )
 
     def record(self, epoch: int, *, train_loss: float | None, train_acc: float | None, duration: float,
@@ -392,6 +399,9 @@ class Trainer:
         message = None
         self.model.stop_training = False
         self.callbacks.set_params({"epochs": epochs, "steps": self._n_batches(), "verbose": 0})
+        if record_start:
+            self._first_epoch = start_epoch  # a run's first record (0, a fork point) is checkpointed
+        self._last_epoch = epochs
         try:
             self.callbacks.on_train_begin()
             if self.auto_freezer is not None:
@@ -410,6 +420,7 @@ class Trainer:
                     )
                     break
             self.callbacks.on_train_end()
+            self.recorder.flush_checkpoint()  # retention: an early end keeps its last checkpoint
             self.recorder.close()  # the last epochs' writes must have succeeded too
             self._check_store()
         except KeyboardInterrupt:
@@ -422,6 +433,8 @@ class Trainer:
             status, message = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            # retention: the last recorded epoch keeps its checkpoint, however the run ends
+            self.recorder.flush_checkpoint()
             self.recorder.close()
             if self.recorder.errors and message is None:
                 message = "; ".join(self.recorder.errors[-3:])

@@ -61,10 +61,10 @@ def test_freeze_layer_keeps_it_bit_identical_and_unfreeze_resumes(tmp_path, kera
     assert ev.kind.tolist() == ["freeze", "unfreeze"] and set(ev.status) == {"applied"}
     assert ev[["epoch", "batch"]].values.tolist() == [[1, 0], [3, 0]]
     # optimizer state survived the frozen epochs untouched: Adam moments of conv1 equal at epochs 0..2
-    from revacnn.trainer.checkpoint import load_checkpoint
+    from revacnn.trainer.checkpoint import load_run_checkpoint
 
-    c1 = load_checkpoint(run.checkpoint_path(1))
-    c2 = load_checkpoint(run.checkpoint_path(2))
+    c1 = load_run_checkpoint(run, 1)
+    c2 = load_run_checkpoint(run, 2)
     paths = c1.optimizer_config  # noqa: F841
     frozen_slots = [i for i, v in enumerate(c1.optimizer_vars) if v.shape == (3, 3, 3, 4)]
     assert frozen_slots

@@ -218,9 +218,9 @@ def test_corrupt_status_and_checkpoint_get_one_message_from_the_cli(tmp_path, re
     out = capsys.readouterr()
     assert str(EPOCHS + 1) in out.out and "status.json" in out.err and len(out.err.strip().splitlines()) == 1
 
-    ckpt = store.layout.checkpoint(ref_id, 1)
+    ckpt = store.run(ref_id).checkpoint_path(1)
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     assert main(["fork", "--store", str(path), ref_id, "--epoch", "1", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "e00001.npz" in err[0] and "corrupt" in err[0], err
+    assert len(err) == 1 and "e00001.ckpt" in err[0] and "corrupt" in err[0], err
     assert json.loads(store.layout.run_json(ref_id).read_text())["run_id"] == ref_id
