@@ -27,11 +27,41 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, table  # noqa: E402
 
 SIZES = {"convnetjs": (2000, 500), "resnet20": (500, 250)}
+
+
+def build_trainer(name: str, ds: Any, batch_size: int, probes: int = 16) -> Any:
+    """A recording `Trainer` of model ``name`` on dataset ``ds`` in a fresh temporary store."""
+    import keras
+
+    import revacnn
+    from revacnn.config import TrainConfig
+    from revacnn.data import select_probes
+    from revacnn.models import build_model
+    from revacnn.storage import RunWriter, create_session
+    from revacnn.trainer.trainer import TrainData, Trainer
+
+    x, y, xv, yv = ds.x_train, ds.y_train, ds.x_val, ds.y_val
+    tmp = Path(tempfile.mkdtemp(prefix="revacnn-bench-"))
+    store = revacnn.open_store(tmp / "store")
+    cfg = TrainConfig(model=name, epochs=10**6, batch_size=batch_size, train_size=len(x), val_size=len(xv),
+                      probes=probes)
+    keras.utils.set_random_seed(0)
+    model = build_model(name, ds.input_shape, ds.num_classes)
+    opt = keras.optimizers.Adam(1e-3)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    opt.build(model.trainable_variables)
+    pidx = select_probes(yv, probes, seed=0)
+    sid = create_session(store, dataset="shapes", model=name, probe_images=xv[pidx], probe_labels=yv[pidx],
+                         probe_indices=pidx, class_names=ds.class_names, config=cfg.to_dict())
+    writer = RunWriter.create(store, session_id=sid, config=cfg.to_dict(), name="bench")
+    return Trainer(model=model, optimizer=opt, data=TrainData.arrays(x, y, xv, yv), probe_images=xv[pidx],
+                   probe_labels=yv[pidx], writer=writer, config=cfg, progress=False)
 
 
 def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int],
@@ -40,12 +70,8 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
     import numpy as np
     import tensorflow as tf
 
-    import revacnn
-    from revacnn.config import TrainConfig
-    from revacnn.data import load_dataset, select_probes
+    from revacnn.data import load_dataset
     from revacnn.models import build_model
-    from revacnn.storage import RunWriter, create_session
-    from revacnn.trainer.trainer import TrainData, Trainer
 
     n_train, n_val = sizes or SIZES[name]
     ds = load_dataset("shapes", train_size=n_train, val_size=n_val, seed=0)
@@ -84,21 +110,8 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
     fit_timer = EpochTimer()
 
     # (b)/(c) the recording trainer (recording on, then the same trainer with it off)
-    tmp = Path(tempfile.mkdtemp(prefix="revacnn-bench-"))
-    store = revacnn.open_store(tmp / "store")
-    cfg = TrainConfig(model=name, epochs=10**6, batch_size=batch_size, train_size=n_train, val_size=n_val,
-                      probes=16)
-    keras.utils.set_random_seed(0)
-    model = build_model(name, ds.input_shape, ds.num_classes)
-    opt = keras.optimizers.Adam(1e-3)
-    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-    opt.build(model.trainable_variables)
-    pidx = select_probes(yv, 16, seed=0)
-    sid = create_session(store, dataset="shapes", model=name, probe_images=xv[pidx], probe_labels=yv[pidx],
-                         probe_indices=pidx, class_names=ds.class_names, config=cfg.to_dict())
-    writer = RunWriter.create(store, session_id=sid, config=cfg.to_dict(), name="bench")
-    trainer = Trainer(model=model, optimizer=opt, data=TrainData.arrays(x, y, xv, yv), probe_images=xv[pidx],
-                      probe_labels=yv[pidx], writer=writer, config=cfg, progress=False)
+    trainer = build_trainer(name, ds, batch_size)
+    writer = trainer.writer
     snapshot, submit = trainer.snapshot, trainer.recorder.submit
 
     def recording(on: bool) -> None:
