@@ -466,16 +466,23 @@ _FILTER_COLS = (
 )
 
 
-#: how much lower than training the worker threads run (``nice`` steps; Linux threads have their own)
-WORKER_NICE = 5
+#: How many ``nice`` steps below training the worker threads run (Linux threads have their own),
+#: from ``REVACNN_WORKER_NICE``; 0 (the default) leaves them equal. On a machine of its own, 5
+#: lets training keep the cores while the worker writes the previous epoch; on a shared machine
+#: it queues the worker behind every other job (measured at load 19 on 2 cores: 1.2 s of worker
+#: CPU took 20 s to commit), so it is not the default.
+WORKER_NICE = int(os.environ.get("REVACNN_WORKER_NICE", "0") or 0)
 
 
-def lower_thread_priority(nice: int = WORKER_NICE) -> bool:
+def lower_thread_priority(nice: int | None = None) -> bool:
     """Run the calling thread ``nice`` steps below the main thread's CPU priority, so training keeps the cores.
 
     The recording worker and its embedding thread call it: on 2 cores they otherwise take time
     slices from the training thread as an equal. Only the calling thread changes (Linux gives
     each thread its own nice value); elsewhere, or where refused, nothing happens.
+
+    Args:
+        nice: steps below the main thread; None: `WORKER_NICE`.
 
     Returns:
         Whether the priority was lowered.
@@ -484,6 +491,7 @@ def lower_thread_priority(nice: int = WORKER_NICE) -> bool:
         >>> import threading
         >>> t = threading.Thread(target=lower_thread_priority); t.start(); t.join()
     """
+    nice = WORKER_NICE if nice is None else int(nice)
     if nice <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
         return False
     try:
