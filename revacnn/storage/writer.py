@@ -475,6 +475,7 @@ class _ZarrTree:
         self._dirs: list[str] = []
         self._blosc = Blosc
         self._codecs: dict[int, Any] = {}
+        self._groups: set[str] = set()
         os.makedirs(os.path.dirname(self.root), exist_ok=True)
         self._mkdir(self.root)
         self.group_at(self.root, attrs)
@@ -502,8 +503,15 @@ class _ZarrTree:
         self._files.append(path)
 
     def group(self, name: str, attrs: Mapping[str, Any]) -> str:
-        d = f"{self.root}/{name}"
-        self._mkdir(d)
+        """The group ``name`` (a nested name such as ``block1/conv1`` gets its parents, as zarr's)."""
+        parts = name.split("/")
+        for i in range(1, len(parts) + 1):
+            d = f"{self.root}/{'/'.join(parts[:i])}"
+            if d not in self._groups:
+                self._mkdir(d)
+                self._groups.add(d)
+                if i < len(parts):
+                    self.group_at(d, {})
         self.group_at(d, attrs)
         return d
 

@@ -33,6 +33,14 @@ def _layers(rng: np.random.Generator) -> dict[str, dict[str, object]]:
             "grad_l1": rng.random(5).astype(np.float32),
             "_attrs": {"kind": "dense", "index": 1, "frozen": True},
         },
+        "block1/dw": {  # a nested model's layer: its parent group is implicit, as zarr makes it
+            "kernel": rng.normal(size=(3, 3, 3, 1)).astype(np.float32),
+            "_attrs": {"kind": "conv", "index": 3, "frozen": False},
+        },
+        "block1/pw": {
+            "kernel": rng.normal(size=(2, 1, 1, 3)).astype(np.float32),
+            "_attrs": {"kind": "conv", "index": 4, "frozen": False},
+        },
         "odd": {  # 0-d, empty and big-endian arrays, and all the dtypes
             "scalar": np.float32(2.5),
             "empty": np.zeros((0,), np.float32),
@@ -115,7 +123,8 @@ def test_the_public_reader_and_the_durable_file_list(tmp_path, written):
 
     rec = EpochRecord(store, mine.parents[1].name, 3)
     assert rec.layer_names == list(layers)
-    assert rec.conv_layers == ["conv1", "odd"]
+    assert rec.conv_layers == ["conv1", "block1/dw", "block1/pw", "odd"]
+    np.testing.assert_array_equal(rec.layer("block1/pw").kernel, layers["block1/pw"]["kernel"])
     np.testing.assert_array_equal(rec.layer("conv1").kernel, layers["conv1"]["kernel"])
     np.testing.assert_array_equal(rec.probabilities, extra["predictions"])
     # the durable writer collects every file and folder it wrote, as a walk of the tree finds them
