@@ -1,51 +1,85 @@
 """Recording overhead: a recorded epoch (worker included, until committed) vs a tuned model.fit and vs recording off.
 
-For each model (convnetjs, resnet20) on a small subset of the offline ``shapes`` set, three
-variants train the same architecture, alternated sample by sample in one process:
+For each model (convnetjs, resnet20) on a subset of the offline ``shapes`` set sized for epochs
+of about 5-10 s on the 2-core machine (``SIZES``: convnetjs 8,000 / 1,000 images, resnet20
+2,000 / 500; ``--train-size`` to change), four arms train the same architecture, alternated in
+one process (ABCD, DCBA, ... so that the load of other jobs hits every arm):
 
 * ``fit``: the user's own ``model.fit`` on a prefetched ``tf.data`` pipeline (shuffled, batched,
   ``prefetch(AUTOTUNE)``), with ``steps_per_execution`` tuned (the fastest of a few values) and
   the same validation data every epoch. The epoch is timed inside ``fit`` (``on_epoch_begin`` to
   ``on_epoch_end``, validation included, per-call set-up excluded).
 * ``recorded``: the revacnn trainer on the same data, one recorded epoch, timed from the epoch's
-  start until the recording worker has committed it (probes, t-SNE embeddings, checkpoint, arrays,
-  tables), with live snapshots on as in a real run.
+  start until the recording worker has committed it (probes, t-SNE embeddings, doctor,
+  checkpoint, arrays, tables), with live snapshots every second as in a real run. The worker
+  starts at the epoch's end, so this is training plus the whole worker, one after the other.
 * ``off``: the same trainer with recording off (validation still evaluated; no probes, snapshot,
   worker or live snapshots; the in-step gradient sums stay, they are part of the step).
+* ``pipelined``: two recorded epochs back to back until the second is committed, per epoch: as a
+  run goes, the worker writes epoch k while epoch k+1 trains.
 
-Reported: median epoch seconds and spread (min-max) over ``--samples`` alternated samples, and the
-ratios recorded/fit and recorded/off (target <= 1.10). Recording costs a fixed amount per epoch
-(probes, t-SNE, writes: independent of the training-set size), so the ratios fall as epochs grow;
-``--train-size`` shows that.
+Reported: median epoch seconds and spread (min-max) over ``--samples`` alternated samples, the
+ratios recorded/fit and recorded/off (target <= 1.10), the same for pipelined, and the load
+average before and after. Recording costs a fixed amount per epoch (probes, t-SNE, writes:
+independent of the training-set size), so the ratios fall as epochs grow. ``--durable`` also
+times durable vs non-durable commits. ``profile_recording.py`` breaks the worker's time down.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, table  # noqa: E402
 
-SIZES = {"convnetjs": (2000, 500), "resnet20": (500, 250)}
+#: training / validation images per model: epochs of about 5-10 s on the 2-core machine
+SIZES = {"convnetjs": (8000, 1000), "resnet20": (2000, 500)}
+
+
+def build_trainer(name: str, ds: Any, batch_size: int, probes: int = 16) -> Any:
+    """A recording `Trainer` of model ``name`` on dataset ``ds`` in a fresh temporary store."""
+    import keras
+
+    import revacnn
+    from revacnn.config import TrainConfig
+    from revacnn.data import select_probes
+    from revacnn.models import build_model
+    from revacnn.storage import RunWriter, create_session
+    from revacnn.trainer.trainer import TrainData, Trainer
+
+    x, y, xv, yv = ds.x_train, ds.y_train, ds.x_val, ds.y_val
+    tmp = Path(tempfile.mkdtemp(prefix="revacnn-bench-"))
+    store = revacnn.open_store(tmp / "store")
+    cfg = TrainConfig(model=name, epochs=10**6, batch_size=batch_size, train_size=len(x), val_size=len(xv),
+                      probes=probes)
+    keras.utils.set_random_seed(0)
+    model = build_model(name, ds.input_shape, ds.num_classes)
+    opt = keras.optimizers.Adam(1e-3)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    opt.build(model.trainable_variables)
+    pidx = select_probes(yv, probes, seed=0)
+    sid = create_session(store, dataset="shapes", model=name, probe_images=xv[pidx], probe_labels=yv[pidx],
+                         probe_indices=pidx, class_names=ds.class_names, config=cfg.to_dict())
+    writer = RunWriter.create(store, session_id=sid, config=cfg.to_dict(), name="bench")
+    return Trainer(model=model, optimizer=opt, data=TrainData.arrays(x, y, xv, yv), probe_images=xv[pidx],
+                   probe_labels=yv[pidx], writer=writer, config=cfg, progress=False)
 
 
 def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int],
-                 sizes: tuple[int, int] | None = None) -> dict:
+                 sizes: tuple[int, int] | None = None, durable_samples: bool = False) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
 
-    import revacnn
-    from revacnn.config import TrainConfig
-    from revacnn.data import load_dataset, select_probes
+    from revacnn.data import load_dataset
     from revacnn.models import build_model
-    from revacnn.storage import RunWriter, create_session
-    from revacnn.trainer.trainer import TrainData, Trainer
 
     n_train, n_val = sizes or SIZES[name]
     ds = load_dataset("shapes", train_size=n_train, val_size=n_val, seed=0)
@@ -84,21 +118,8 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
     fit_timer = EpochTimer()
 
     # (b)/(c) the recording trainer (recording on, then the same trainer with it off)
-    tmp = Path(tempfile.mkdtemp(prefix="revacnn-bench-"))
-    store = revacnn.open_store(tmp / "store")
-    cfg = TrainConfig(model=name, epochs=10**6, batch_size=batch_size, train_size=n_train, val_size=n_val,
-                      probes=16)
-    keras.utils.set_random_seed(0)
-    model = build_model(name, ds.input_shape, ds.num_classes)
-    opt = keras.optimizers.Adam(1e-3)
-    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-    opt.build(model.trainable_variables)
-    pidx = select_probes(yv, 16, seed=0)
-    sid = create_session(store, dataset="shapes", model=name, probe_images=xv[pidx], probe_labels=yv[pidx],
-                         probe_indices=pidx, class_names=ds.class_names, config=cfg.to_dict())
-    writer = RunWriter.create(store, session_id=sid, config=cfg.to_dict(), name="bench")
-    trainer = Trainer(model=model, optimizer=opt, data=TrainData.arrays(x, y, xv, yv), probe_images=xv[pidx],
-                      probe_labels=yv[pidx], writer=writer, config=cfg, progress=False)
+    trainer = build_trainer(name, ds, batch_size)
+    writer = trainer.writer
     snapshot, submit = trainer.snapshot, trainer.recorder.submit
 
     def recording(on: bool) -> None:
@@ -121,27 +142,40 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
         if on:
             wait_commit(epoch)
 
-    t = {"fit": [], "recorded": [], "off": []}
+    def run_fit() -> float:
+        plain.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0, callbacks=[fit_timer])
+        return fit_timer.times[-1]
+
+    def run_trainer(on: bool, n: int = 1) -> float:
+        """``n`` epochs back to back, until the last one is committed (recording on), per epoch."""
+        nonlocal epoch
+        recording(on)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            epoch += 1
+            trainer._train_epoch(epoch)
+        if on:
+            wait_commit(epoch)
+        return (time.perf_counter() - t0) / n
+
+    arms = {
+        "fit": run_fit,
+        "recorded": lambda: run_trainer(True),
+        "off": lambda: run_trainer(False),
+        "pipelined": lambda: run_trainer(True, 2),
+    }
+    t: dict[str, list[float]] = {k: [] for k in arms}
+    load = [os.getloadavg()[0]]
     for i in range(samples):
         print(f"{name}: sample {i + 1}/{samples}", file=sys.stderr, flush=True)
-        plain.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0, callbacks=[fit_timer])
-        t["fit"].append(fit_timer.times[-1])
-        recording(True)
-        epoch += 1
-        t0 = time.perf_counter()
-        trainer._train_epoch(epoch)
-        wait_commit(epoch)
-        t["recorded"].append(time.perf_counter() - t0)
-        recording(False)
-        epoch += 1
-        t0 = time.perf_counter()
-        trainer._train_epoch(epoch)
-        t["off"].append(time.perf_counter() - t0)
-    # the cost of durable commits: each epoch's writes (checkpoint, arrays, rows, marker) with the
-    # fsyncs before the marker on and off, alternated epoch by epoch
+        for k in (list(arms) if i % 2 == 0 else list(arms)[::-1]):  # ABCD, DCBA, ...
+            t[k].append(arms[k]())
+    load.append(os.getloadavg()[0])
+    # the cost of durable commits (opt-in): each epoch's writes (checkpoint, arrays, rows, marker)
+    # with the fsyncs before the marker on and off, alternated epoch by epoch
     recording(True)
     t_dur: dict[bool, list[float]] = {True: [], False: []}
-    for i in range(samples):
+    for i in range(samples if durable_samples else 0):
         for durable in ((False, True) if i % 2 == 0 else (True, False)):
             writer.durable = durable
             epoch += 1
@@ -149,7 +183,7 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
             wait_commit(epoch)
             t_dur[durable].append(trainer.recorder.write_s[-1])
     writer.durable = True
-    pair = [d / n for d, n in zip(t_dur[True], t_dur[False], strict=True)]
+    pair = [d / n for d, n in zip(t_dur[True], t_dur[False], strict=True)] or [float("nan")]
     trainer.recorder.close()
     writer.set_status("finished")
     med = {k: median(v) for k, v in t.items()}
@@ -163,12 +197,18 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
         **{f"{k}_spread_s": f"{min(v):.2f}-{max(v):.2f}" for k, v in t.items()},
         "ratio_vs_fit": med["recorded"] / med["fit"],
         "ratio_vs_off": med["recorded"] / med["off"],
+        "pipelined_vs_fit": med["pipelined"] / med["fit"],
+        "pipelined_vs_off": med["pipelined"] / med["off"],
+        "loadavg": f"{load[0]:.1f}-{load[1]:.1f}",
         "worker_errors": len(trainer.recorder.errors),
-        "durable_commit_s": median(t_dur[True]),
-        "non_durable_commit_s": median(t_dur[False]),
-        "durable_commit_ratio": median(t_dur[True]) / median(t_dur[False]),
-        "durable_ratio_spread": f"{min(pair):.2f}-{max(pair):.2f}",
     }
+    if durable_samples:
+        res.update({
+            "durable_commit_s": median(t_dur[True]),
+            "non_durable_commit_s": median(t_dur[False]),
+            "durable_commit_ratio": median(t_dur[True]) / median(t_dur[False]),
+            "durable_ratio_spread": f"{min(pair):.2f}-{max(pair):.2f}",
+        })
     _ = np
     return res
 
@@ -181,6 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--spe", default="1,16", help="steps_per_execution values to tune fit over")
     p.add_argument("--train-size", type=int, default=None, help="override the per-model training subset")
     p.add_argument("--val-size", type=int, default=None, help="override the per-model validation subset")
+    p.add_argument("--durable", action="store_true", help="also time durable vs non-durable commits")
     args = p.parse_args(argv)
     import tensorflow as tf
 
@@ -190,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sizes = None
         if args.train_size:
             sizes = (args.train_size, args.val_size or SIZES[m][1])
-        rows.append(_bench_model(m, args.samples, args.batch_size, [int(s) for s in args.spe.split(",")], sizes))
+        rows.append(_bench_model(m, args.samples, args.batch_size, [int(s) for s in args.spe.split(",")], sizes,
+                                 durable_samples=args.durable))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(table(rows))
     print(json.dumps(rows))

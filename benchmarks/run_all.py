@@ -9,7 +9,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
-    ("recording", "bench_recording.py", []),
+    ("recording", "bench_recording.py", ["--durable"]),
+    ("recording-profile", "profile_recording.py", []),
     ("freeze", "bench_freeze.py", []),
     ("surgery", "bench_surgery.py", []),
     ("patterns", "bench_patterns.py", []),

@@ -19,7 +19,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .._faults import kill_point, write_point
-from ._durable import SyncSet, fsync_dir
+from ._durable import SyncSet, fsync_dir, tree_paths
 from ._layout import atomic_write_json, new_id, tmp_path_for, utcnow
 from ._schema import EVENTS_SCHEMA, SEGMENT_TABLES
 from ._tables import (
@@ -264,30 +264,33 @@ class RunWriter:
         self, epoch: int, layers: Mapping[str, Mapping[str, np.ndarray]], attrs: Mapping[str, Any],
         extra: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Write an epoch's arrays: one Zarr group per layer, plus top-level arrays in ``extra``."""
+        """Write an epoch's arrays: one Zarr group per layer, plus top-level arrays in ``extra``.
+
+        Each array is one chunk (the whole array, Blosc/zstd), as ``zarr.create_array(data=a,
+        chunks=a.shape)`` lays it out; the files are written directly (`_ZarrTree`), a few hundred
+        small arrays per epoch in one pass instead of one Zarr call (an event-loop round trip and
+        its metadata writes) per array. Readers open them with plain ``zarr``.
+        """
         path = self.layout.epoch_arrays(self.run_id, epoch)
         write_point(path)
         if path.exists():  # left over by a crash or an uncommitted attempt: replace it
             shutil.rmtree(path)
-        root = zarr.open_group(str(path), mode="w")
+        tree = _ZarrTree(path, {"layers": list(layers), **dict(attrs)})
         for lname, arrays in layers.items():
-            g = root.create_group(lname)
-            kind = dict(arrays.get("_attrs", {})).get("kind", "conv")
+            layer_attrs = dict(arrays.get("_attrs", {}))
+            kind = layer_attrs.get("kind", "conv")
+            g = tree.group(lname, layer_attrs)
             for key, value in arrays.items():
-                if key == "_attrs":
-                    continue
-                a = np.ascontiguousarray(value)
-                codec = _FLOAT_CODEC if a.dtype.kind == "f" else _INT_CODEC
-                g.create_array(key, data=a, chunks=a.shape or None, compressors=codec,
-                               dimension_names=dimension_names(key, a.ndim, kind))
-            g.attrs.update(dict(arrays.get("_attrs", {})))  # type: ignore[arg-type]
+                if key != "_attrs":
+                    a = np.ascontiguousarray(value)  # (a 0-d value becomes 1-d, as it always was)
+                    tree.array(g, key, a, dimension_names(key, a.ndim, kind))
         for key, value in (extra or {}).items():
             a = np.ascontiguousarray(value)
-            root.create_array(key, data=a, chunks=a.shape or None, compressors=_FLOAT_CODEC,
-                              dimension_names=dimension_names(key, a.ndim, "extra"))
-        root.attrs.update({"layers": list(layers), **dict(attrs)})
+            tree.array(tree.root, key, a, dimension_names(key, a.ndim, "extra"))
         if self.durable:
-            self._sync.add_tree(path)
+            for f in tree.files:
+                self._sync.add_file(f)
+            self._sync.add_dirs(tree.dirs)
             self._sync.add_dirs([self.layout.arrays_dir(self.run_id), self.layout.run_dir(self.run_id)])
 
     def write_rows(self, table: str, epoch: int, rows: Any) -> None:
@@ -514,6 +517,141 @@ class RunWriter:
                 )
                 if stale:
                     (d / n).unlink(missing_ok=True)
+
+
+#: Zarr v3 ``data_type`` names of the dtypes `_ZarrTree` writes itself (others go through zarr)
+_DIRECT_DTYPES = {
+    np.dtype(t): t
+    for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+              "float16", "float32", "float64")
+}
+_BLOSC_CONF = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle", "blocksize": 0}
+
+
+class _ZarrTree:
+    """Writes a Zarr v3 hierarchy of single-chunk arrays straight to files, as zarr itself would.
+
+    The documents (``zarr.json``) and chunk files are the ones ``zarr.create_array(data=a,
+    chunks=a.shape, compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))`` writes
+    (checked against zarr in ``tests/storage/test_writer_arrays.py``), except that a chunk equal
+    to the fill value is written too (zarr skips it; both read back the same) and the JSON is not
+    indented. Arrays of other dtypes or byte order, 0-d or empty arrays are handed to zarr.
+    `files` and `dirs` list what was written (for the durable commit).
+
+    Example:
+        >>> t = _ZarrTree(Path("store/runs/r/arrays.zarr/e00001"), {"layers": ["conv1"]})
+        >>> g = t.group("conv1", {"kind": "conv"})
+        >>> t.array(g, "bias", np.zeros(8, np.float32), ("filter",))
+    """
+
+    def __init__(self, root: Path, attrs: Mapping[str, Any]) -> None:
+        from numcodecs.blosc import Blosc
+
+        self.root = str(root)
+        self._files: list[str] = []
+        self._dirs: list[str] = []
+        self._blosc = Blosc
+        self._codecs: dict[int, Any] = {}
+        self._groups: set[str] = set()
+        os.makedirs(os.path.dirname(self.root), exist_ok=True)
+        self._mkdir(self.root)
+        self.group_at(self.root, attrs)
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(f) for f in self._files]
+
+    @property
+    def dirs(self) -> list[Path]:
+        return [Path(d) for d in self._dirs]
+
+    def _mkdir(self, d: str) -> None:
+        os.mkdir(d)
+        self._dirs.append(d)
+
+    def _write(self, path: str, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self._files.append(path)
+
+    def group(self, name: str, attrs: Mapping[str, Any]) -> str:
+        """The group ``name`` (a nested name such as ``block1/conv1`` gets its parents, as zarr's)."""
+        parts = name.split("/")
+        for i in range(1, len(parts) + 1):
+            d = f"{self.root}/{'/'.join(parts[:i])}"
+            if d not in self._groups:
+                self._mkdir(d)
+                self._groups.add(d)
+                if i < len(parts):
+                    self.group_at(d, {})
+        self.group_at(d, attrs)
+        return d
+
+    def group_at(self, d: str, attrs: Mapping[str, Any]) -> None:
+        doc = {"attributes": dict(attrs), "zarr_format": 3, "node_type": "group"}
+        self._write(f"{d}/zarr.json", _json_bytes(doc))
+
+    def array(self, parent: str, key: str, value: Any, dims: tuple[str, ...] | None) -> None:
+        a = np.asarray(value)
+        dt = _DIRECT_DTYPES.get(a.dtype) if a.dtype.byteorder != ">" else None
+        if dt is None or a.ndim == 0 or a.size == 0:
+            codec = _FLOAT_CODEC if a.dtype.kind == "f" else _INT_CODEC
+            g = zarr.open_group(parent, mode="r+")
+            a = np.ascontiguousarray(a)
+            g.create_array(key, data=a, chunks=a.shape or None, compressors=codec, dimension_names=dims)
+            files, dirs = tree_paths(f"{parent}/{key}")
+            self._files += [str(f) for f in files]
+            self._dirs += [str(d) for d in dirs]
+            return
+        d = f"{parent}/{key}"
+        self._mkdir(d)
+        item = a.dtype.itemsize
+        bytes_codec: dict[str, Any] = {"name": "bytes"}
+        if item > 1:
+            bytes_codec["configuration"] = {"endian": "little"}
+        shape = list(a.shape)
+        doc: dict[str, Any] = {
+            "shape": shape,
+            "data_type": dt,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shape}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": False if dt == "bool" else 0.0 if a.dtype.kind == "f" else 0,
+            "codecs": [bytes_codec, {"name": "blosc", "configuration": {"typesize": item, **_BLOSC_CONF}}],
+            "attributes": {},
+            "zarr_format": 3,
+            "node_type": "array",
+            "storage_transformers": [],
+        }
+        if dims is not None:
+            doc["dimension_names"] = list(dims)
+        self._write(f"{d}/zarr.json", _json_bytes(doc))
+        codec = self._codecs.get(item)
+        if codec is None:
+            codec = self._codecs[item] = self._blosc(cname="zstd", clevel=3, shuffle=self._blosc.SHUFFLE,
+                                                     blocksize=0, typesize=item)
+        chunk_dir = f"{d}/c"
+        self._mkdir(chunk_dir)
+        for _ in range(a.ndim - 1):
+            chunk_dir += "/0"
+            self._mkdir(chunk_dir)
+        self._write(f"{chunk_dir}/0", codec.encode(np.ascontiguousarray(a)))
+
+
+def _json_bytes(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, allow_nan=True, default=_json_default).encode()
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"Object of type {type(v).__name__} is not JSON serializable")
 
 
 def _dt(ts: float) -> datetime:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import queue
+import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +103,7 @@ class Recorder:
         self._prev_acts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._queue: queue.Queue[Any] = queue.Queue()
         self._held: tuple[int, Checkpoint, dict[str, Any]] | None = None
+        self._tsne_pool: ThreadPoolExecutor | None = None
         self.errors: list[str] = []
         #: set when the store cannot be written (a full disk …): the trainer stops with `failed`
         self.fatal: str | None = None
@@ -150,9 +154,13 @@ class Recorder:
 
     # ------------------------------------------------------------------ worker
     def _loop(self) -> None:
+        lower_thread_priority()
         while True:
             kind, item = self._queue.get()
             if kind == "stop":
+                if self._tsne_pool is not None:
+                    self._tsne_pool.shutdown(wait=True)
+                    self._tsne_pool = None
                 return
             if kind == "epoch" and self.fatal:
                 continue  # the store cannot be written: the trainer stops at its next batch
@@ -190,11 +198,13 @@ class Recorder:
         arrays: dict[str, dict[str, Any]] = {}
         layer_rows: list[dict[str, Any]] = []
         filter_rows: dict[str, list[Any]] = {k: [] for k in _FILTER_COLS}
-        conv_sigs: list[tuple[str, np.ndarray, np.ndarray]] = []
-        embeddings: dict[str, np.ndarray] = {}
         diag_rows: list[dict[str, Any]] = []
         lr = snap.metrics.get("lr")
         trained = bool(snap.metrics.get("n_batches"))  # epoch 0 and a fork point train nothing
+        # The t-SNE embeddings (most of the worker's time) run on their own thread while this one
+        # derives the measures and the doctor's findings; they are joined before anything is written.
+        conv_sigs = self._signatures(snap)
+        tsne = self._start_embeddings(snap, conv_sigs)
         for L in snap.layers:
             F = len(L.uids)
             if L.kind == "conv":
@@ -256,25 +266,6 @@ class Recorder:
                     shares = analysis.rgb_shares(k)
                     dom = analysis.dominant_channel(shares)
                     row["rgb_mono_fraction"] = float(np.mean(dom >= 0))
-                emb = np.full((F, 2), np.nan, np.float32)
-                if self.tracker is not None:
-                    try:
-                        feats = analysis.filter_features(
-                            self.embedding_features, kernel=k, activations=acts, grad=None
-                        ) if self.embedding_features != "gradients" else L.grad_l1[:, None]
-                        emb = self.tracker.embed(
-                            L.name, L.uids, np.asarray(feats, np.float64), parents=snap.parents.get(L.name)
-                        ).astype(np.float32)
-                    except Exception as exc:
-                        log.warning("embedding of %s epoch %d failed: %s", L.name, epoch, exc)
-                        self.errors.append(f"embedding {L.name} epoch {epoch}: {exc}")
-                embeddings[L.name] = emb
-                entry["embedding"] = emb
-                if acts is not None:
-                    sig = analysis.activation_signature(acts)
-                    # per-layer scale, so that layers do not separate by activation magnitude alone
-                    sig = sig / (float(np.abs(sig).max()) + 1e-12)
-                    conv_sigs.append((L.name, L.uids, sig))
                 for i in range(F):
                     filter_rows["layer"].append(L.name)
                     filter_rows["filter"].append(i)
@@ -285,28 +276,26 @@ class Recorder:
                     filter_rows["weight_change_l1"].append(float(change[i]))
                     filter_rows["act_mean"].append(float(act_mean[i]))
                     filter_rows["act_max"].append(float(act_max[i]))
-                    filter_rows["tsne_x"].append(_nan_none(emb[i, 0]))
-                    filter_rows["tsne_y"].append(_nan_none(emb[i, 1]))
                     filter_rows["dominant_channel"].append(None if dom is None else int(dom[i]))
                     for c, key in enumerate(("share_r", "share_g", "share_b")):
                         filter_rows[key].append(None if shares is None else float(shares[i, c]))
             arrays[L.name] = entry
             layer_rows.append(row)
 
-        # Layer level: every conv filter of every layer in one embedding, from activation signatures.
-        layer_xy: dict[str, np.ndarray] = {}
-        if self.tracker is not None and conv_sigs:
-            try:
-                keys = np.concatenate([[_global_uid(i, u) for u in uids] for i, (_, uids, _) in enumerate(conv_sigs)])
-                feats = np.concatenate([s for _, _, s in conv_sigs], axis=0)
-                xy = self.tracker.embed("__all__", keys, feats.astype(np.float64)).astype(np.float32)
-                start = 0
-                for name, uids, _ in conv_sigs:
-                    layer_xy[name] = xy[start : start + len(uids)]
-                    start += len(uids)
-            except Exception as exc:
-                log.warning("layer-level embedding epoch %d failed: %s", epoch, exc)
-                self.errors.append(f"layer-level embedding epoch {epoch}: {exc}")
+        embeddings, layer_xy = tsne.result() if tsne is not None else ({}, {})
+        tx: list[Any] = []
+        ty: list[Any] = []
+        for L in snap.layers:
+            if L.kind != "conv":
+                continue
+            emb = embeddings.get(L.name)
+            if emb is None:
+                emb = np.full((len(L.uids), 2), np.nan, np.float32)
+            arrays[L.name]["embedding"] = emb
+            tx.extend(_nan_none(v) for v in emb[:, 0])
+            ty.extend(_nan_none(v) for v in emb[:, 1])
+        filter_rows["tsne_x"] = tx
+        filter_rows["tsne_y"] = ty
         lx: list[Any] = []
         ly: list[Any] = []
         for L in snap.layers:
@@ -356,6 +345,72 @@ class Recorder:
         self.committed.append(epoch)
         self.last_commit_at = time.time()
 
+
+    def _signatures(self, snap: EpochSnapshot) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Each conv layer's activation signatures (the layer-level embedding's features)."""
+        from .. import analysis
+
+        out = []
+        if self.tracker is None:
+            return out
+        for L in snap.layers:
+            if L.kind == "conv" and L.activations is not None:
+                sig = analysis.activation_signature(np.moveaxis(L.activations, -1, 1))
+                # per-layer scale, so that layers do not separate by activation magnitude alone
+                sig = sig / (float(np.abs(sig).max()) + 1e-12)
+                out.append((L.name, L.uids, sig))
+        return out
+
+    def _start_embeddings(self, snap: EpochSnapshot,
+                          conv_sigs: list[tuple[str, np.ndarray, np.ndarray]]) -> Future[Any] | None:
+        """Start the epoch's t-SNE embeddings on the embedding thread (in the order they always ran)."""
+        if self.tracker is None:
+            return None
+        if self._tsne_pool is None:
+            self._tsne_pool = ThreadPoolExecutor(1, thread_name_prefix="revacnn-tsne",
+                                                 initializer=lower_thread_priority)
+        return self._tsne_pool.submit(self._embed_epoch, snap, conv_sigs)
+
+    def _embed_epoch(self, snap: EpochSnapshot, conv_sigs: list[tuple[str, np.ndarray, np.ndarray]],
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Every conv layer's embedding, then the layer-level one; a failing one is NaN, logged."""
+        from .. import analysis
+
+        tracker = self.tracker
+        assert tracker is not None
+        epoch = snap.epoch
+        embeddings: dict[str, np.ndarray] = {}
+        for L in snap.layers:
+            if L.kind != "conv":
+                continue
+            try:
+                if self.embedding_features != "gradients":
+                    acts = np.moveaxis(L.activations, -1, 1) if L.activations is not None else None
+                    feats = analysis.filter_features(self.embedding_features, kernel=np.moveaxis(L.kernel, -1, 0),
+                                                     activations=acts, grad=None)
+                else:
+                    feats = L.grad_l1[:, None]
+                embeddings[L.name] = tracker.embed(
+                    L.name, L.uids, np.asarray(feats, np.float64), parents=snap.parents.get(L.name)
+                ).astype(np.float32)
+            except Exception as exc:
+                log.warning("embedding of %s epoch %d failed: %s", L.name, epoch, exc)
+                self.errors.append(f"embedding {L.name} epoch {epoch}: {exc}")
+        # Layer level: every conv filter of every layer in one embedding, from activation signatures.
+        layer_xy: dict[str, np.ndarray] = {}
+        if conv_sigs:
+            try:
+                keys = np.concatenate([[_global_uid(i, u) for u in uids] for i, (_, uids, _) in enumerate(conv_sigs)])
+                feats = np.concatenate([s for _, _, s in conv_sigs], axis=0)
+                xy = tracker.embed("__all__", keys, feats.astype(np.float64)).astype(np.float32)
+                start = 0
+                for name, uids, _ in conv_sigs:
+                    layer_xy[name] = xy[start : start + len(uids)]
+                    start += len(uids)
+            except Exception as exc:
+                log.warning("layer-level embedding epoch %d failed: %s", epoch, exc)
+                self.errors.append(f"layer-level embedding epoch {epoch}: {exc}")
+        return embeddings, layer_xy
 
     def _diagnose(self, epoch: int, L: LayerSnapshot, k: np.ndarray, prev: dict[int, np.ndarray],
                   acts: np.ndarray | None, lr: Any, trained: bool) -> list[dict[str, Any]]:
@@ -429,6 +484,44 @@ _FILTER_COLS = (
     "share_g",
     "share_b",
 )
+
+
+#: How many ``nice`` steps below training the worker threads run (Linux threads have their own),
+#: from ``REVACNN_WORKER_NICE``; 0 (the default) leaves them equal. On a machine of its own, 5
+#: lets training keep the cores while the worker writes the previous epoch; on a shared machine
+#: it queues the worker behind every other job (measured at load 19 on 2 cores: 1.2 s of worker
+#: CPU took 20 s to commit), so it is not the default.
+WORKER_NICE = int(os.environ.get("REVACNN_WORKER_NICE", "0") or 0)
+
+
+def lower_thread_priority(nice: int | None = None) -> bool:
+    """Run the calling thread ``nice`` steps below the main thread's CPU priority, so training keeps the cores.
+
+    The recording worker and its embedding thread call it: on 2 cores they otherwise take time
+    slices from the training thread as an equal. Only the calling thread changes (Linux gives
+    each thread its own nice value); elsewhere, or where refused, nothing happens.
+
+    Args:
+        nice: steps below the main thread; None: `WORKER_NICE`.
+
+    Returns:
+        Whether the priority was lowered.
+
+    Example:
+        >>> import threading
+        >>> t = threading.Thread(target=lower_thread_priority); t.start(); t.join()
+    """
+    nice = WORKER_NICE if nice is None else int(nice)
+    if nice <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + nice)  # relative to the main thread
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:  # (a thread started by a lowered one inherits it)
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+        return True
+    except OSError:
+        return False
 
 
 def _global_uid(layer_index: int, uid: int) -> int:

@@ -1,0 +1,52 @@
+"""The recording worker's threads: embeddings computed off the worker equal a sequential tracker's; thread priority."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import revacnn
+from revacnn.analysis import EmbeddingTracker
+from revacnn.trainer.recorder import lower_thread_priority
+
+from ..conftest import tiny_cnn
+
+
+def test_recorded_embeddings_equal_a_sequential_tracker(tmp_path, keras_mod, tiny_data):
+    keras_mod.utils.set_random_seed(0)
+    (x, y), (xv, yv) = tiny_data
+    run = revacnn.fit(tiny_cnn(keras_mod), (x, y), validation_data=(xv, yv), epochs=2, store=tmp_path / "s",
+                      probes=4, progress=False)
+    # the reference: one tracker with the run's seed, fed each epoch's recorded kernels in order
+    ref = EmbeddingTracker(seed=int(run.config.get("seed", 0)))
+    for e in range(3):
+        rec = run.epoch(e)
+        for name in rec.conv_layers:
+            layer = rec.layer(name)
+            feats = layer.kernel.reshape(len(layer.kernel), -1).astype(np.float64)
+            want = ref.embed(name, layer.filter_uids, feats)
+            np.testing.assert_array_equal(layer.embedding, want)
+            rows = run.store.sql(f"SELECT tsne_x, tsne_y FROM filters WHERE run_id='{run.run_id}' "
+                                 f"AND epoch={e} AND layer='{name}' ORDER BY filter")
+            np.testing.assert_allclose(rows[["tsne_x", "tsne_y"]].to_numpy(), want, rtol=1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_lower_thread_priority_changes_only_the_calling_thread():
+    main = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    seen: dict[str, object] = {}
+
+    def body() -> None:
+        seen["lowered"] = lower_thread_priority(3)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == {"lowered": True, "nice": min(19, main + 3)}
+    assert os.getpriority(os.PRIO_PROCESS, os.getpid()) == main
+    assert lower_thread_priority(0) is False  # 0: left as it is
