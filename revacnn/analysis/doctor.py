@@ -62,7 +62,7 @@ REDUNDANT_COSINE: float = 0.98
 """Two filters are near-duplicates when the cosine similarity of their weight vectors (kernel and
 bias) is at least this. Random 3x3x3 filters (27 weights) exceed 0.98 with probability < 1e-15."""
 
-CONVERGED_CHANGE: float = 0.35
+CONVERGED_CHANGE: float = 0.25
 """A layer stopped changing when its relative weight change in the epoch
 (``|W_e - W_{e-1}| / |W_{e-1}|``) fell to at most this fraction of the largest per-epoch change it
 had earlier in the run. Relative to the layer's own peak, because the absolute change per epoch

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("revacnn.autofreeze")
 
+AUTO_FREEZE_PATIENCE: int = 2
+"""A layer freezes only after reading `converged` this many epochs in a row: a single quiet epoch
+(Adam's step sizes fluctuate) is not enough (see docs/diagnoses.md for the measured effect)."""
+
 
 class AutoFreezer:
     """Remembers each conv layer's last kernel and probe activations; freezes converged layers."""
@@ -54,48 +58,61 @@ class AutoFreezer:
         """Take the current model as "the previous epoch" (at the start of a run or a resume)."""
         self._prev = self._current(trainer)
 
-    def check(self, trainer: Trainer, epoch: int, batch: int) -> str | None:
-        """After a trained epoch: update the peaks; freeze the lowest unfrozen layer if converged.
+    def check(self, trainer: Trainer, epoch: int, batch: int) -> list[str]:
+        """After a trained epoch: update the peaks and streaks; freeze the converged bottom layers.
+
+        Every conv layer that is not frozen (the last one aside) is asked `converged_layer`; a
+        yes extends its streak, a no resets it. Then, bottom-up, each layer whose streak reached
+        `AUTO_FREEZE_PATIENCE` and whose lower layers are all frozen is frozen, until the first
+        one that is not ready: several layers may freeze at the same epoch, never one above a
+        trained one.
 
         Returns:
-            The frozen layer's name, or None.
+            The names of the layers frozen now (bottom-up), possibly none.
         """
         now = self._current(trainer)
         peaks = trainer.state.convergence_peak
+        streak = trainer.state.convergence_streak
         frozen = set(trainer.state.frozen_layers)
-        candidate = None
-        top = list(now)[-1] if now else None
+        names = list(now)
+        top = names[-1] if names else None
+        findings: dict[str, str] = {}
         for name, (uids, kernel, acts) in now.items():  # bottom-up, in graph order
             old = self._prev.get(name)
             if old is None or old[0] != uids or old[1].shape != kernel.shape:
-                continue  # new layer or filters changed this epoch: no comparable history
-            if candidate is None and name not in frozen and name != top:
-                candidate = (name, LayerArrays(
+                streak[name] = 0  # new layer or filters changed this epoch: no comparable history
+                continue
+            if name not in frozen and name != top:
+                finding = converged_layer(LayerArrays(
                     name=name, kernel=kernel, bias=None, activations=acts, grad_l1=None, uids=uids,
                     prev_kernel=old[1], prev_activations=old[2], peak_change=peaks.get(name)))
+                streak[name] = streak.get(name, 0) + 1 if finding is not None else 0
+                if finding is not None:
+                    findings[name] = finding.message
             change = relative_change(kernel, old[1])
             if np.isfinite(change):
                 peaks[name] = max(peaks.get(name, 0.0), change)
         self._prev = now
-        if candidate is None:
-            return None
-        name, arrays = candidate
-        lower = list(now)[: list(now).index(name)]
-        if any(n not in frozen for n in lower):
-            return None
-        finding = converged_layer(arrays)
-        if finding is None:
-            return None
-        cmd = Command(op="freeze", args={"layer": name, "source": "auto-freeze"})
-        try:
-            from .steer import apply  # imports the trainer module: import at call time
+        done: list[str] = []
+        for name in names[:-1]:  # bottom-up; the last conv layer keeps training
+            if name in frozen:
+                continue
+            if streak.get(name, 0) < AUTO_FREEZE_PATIENCE:
+                break  # not ready: nothing above it may freeze either
+            cmd = Command(op="freeze", args={"layer": name, "source": "auto-freeze"})
+            try:
+                from .steer import apply  # imports the trainer module: import at call time
 
-            message = apply(trainer, cmd)
-        except Exception as exc:  # a refused freeze must not stop training
-            log.warning("auto-freeze of %s refused: %s", name, exc)
-            return None
-        trainer.writer.write_event(
-            event_id=cmd.command_id, epoch=epoch, batch=batch, kind="freeze", args=cmd.args,
-            status="applied", message=f"auto-freeze: {message} ({finding.message})",
-        )
-        return name
+                message = apply(trainer, cmd)
+            except Exception as exc:  # a refused freeze must not stop training
+                log.warning("auto-freeze of %s refused: %s", name, exc)
+                break
+            frozen.add(name)
+            done.append(name)
+            trainer.writer.write_event(
+                event_id=cmd.command_id, epoch=epoch, batch=batch, kind="freeze", args=cmd.args,
+                status="applied",
+                message=f"auto-freeze: {message} (converged {streak[name]} epochs in a row; "
+                        f"{findings.get(name, '')})",
+            )
+        return done
