@@ -138,8 +138,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--seeds", type=int, default=3, help="seeds per model (default 3)")
+    ap.add_argument("--change", type=float, default=None, help="CONVERGED_CHANGE to try (default: the module's)")
+    ap.add_argument("--cka", type=float, default=None, help="CONVERGED_CKA to try")
+    ap.add_argument("--patience", type=int, default=None, help="AUTO_FREEZE_PATIENCE to try")
+    ap.add_argument("--min-fraction", type=float, default=None, help="AUTO_FREEZE_MIN_FRACTION to try")
+    ap.add_argument("--no-detection", action="store_true", help="skip part 2")
     args = ap.parse_args()
     from revacnn import open_store
+    from revacnn.analysis import doctor
+    from revacnn.trainer import autofreeze
+
+    for mod, name, value in ((doctor, "CONVERGED_CHANGE", args.change), (doctor, "CONVERGED_CKA", args.cka),
+                             (autofreeze, "AUTO_FREEZE_PATIENCE", args.patience),
+                             (autofreeze, "AUTO_FREEZE_MIN_FRACTION", args.min_fraction)):
+        if value is not None:
+            setattr(mod, name, value)
+    rule = {"CONVERGED_CHANGE": doctor.CONVERGED_CHANGE, "CONVERGED_CKA": doctor.CONVERGED_CKA,
+            "AUTO_FREEZE_PATIENCE": autofreeze.AUTO_FREEZE_PATIENCE,
+            "AUTO_FREEZE_MIN_FRACTION": autofreeze.AUTO_FREEZE_MIN_FRACTION}
+    print("rule:", rule, "sizes:", {m: SIZES[m] for m in args.models}, "val:", VAL_SIZE, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(Path(tmp) / "store")
@@ -165,10 +182,13 @@ def main() -> None:
             })
         print("\nAuto-freeze against no freezing (training time = sum of epoch durations):")
         print(table(summary))
+        if args.no_detection:
+            print(json.dumps({"rule": rule, "auto_freeze": summary, "pairs": rows}))
+            return
         det = detection(store)
         print("\nDetection of planted dead and duplicate filters (convnetjs, 3 of each per conv layer):")
         print(table([det]))
-        print(json.dumps({"auto_freeze": summary, "pairs": rows, "detection": det,
+        print(json.dumps({"rule": rule, "auto_freeze": summary, "pairs": rows, "detection": det,
                           "spread_saved": {m["model"]: statistics.pstdev([x["saved"] for x in rows
                                                                           if x["model"] == m["model"]])
                                            for m in summary}}))

@@ -43,6 +43,8 @@ __all__ = [
     "LayerArrays",
     "converged_layer",
     "diagnose_layer",
+    "LIVE_KINDS",
+    "diagnose_live",
     "linear_cka",
     "relative_change",
 ]
@@ -337,3 +339,33 @@ def diagnose_layer(a: LayerArrays) -> list[Diagnosis]:
     found = dead + _redundant(a, {d.filter for d in dead if d.filter is not None})
     found += _converged(a) + _cluster(a) + _rgb(a)
     return found
+
+
+#: the kinds `diagnose_live` can judge from a live snapshot (kernels and probe activations only)
+LIVE_KINDS: tuple[str, ...] = ("dead", "redundant")
+
+
+def diagnose_live(a: LayerArrays) -> list[Diagnosis]:
+    """Provisional `dead` and `redundant` findings between epochs, from a live snapshot.
+
+    The trainer's live snapshot holds each conv layer's kernel and probe activations, not its bias
+    nor the epoch's gradient sums. So `dead` is judged on the probes alone (silent on every probe
+    and position: the record at the epoch's end adds the gradient test) and `redundant` on the
+    kernels alone. The findings are the same kind of row as the record's, their message ends in
+    "(live, provisional)"; the next epoch record confirms or drops them.
+
+    Example:
+        >>> k = np.random.default_rng(0).normal(size=(3, 3, 3, 3))
+        >>> k[2] = 2 * k[0]                               # filter 2 copies filter 0
+        >>> acts = np.random.default_rng(1).random((4, 3, 5, 5))
+        >>> [(d.kind, d.filter) for d in diagnose_live(LayerArrays("conv1", k, None, acts, None, [0, 1, 2]))]
+        [('redundant', 2)]
+    """
+    if not np.all(np.isfinite(np.asarray(a.kernel, np.float64))):
+        return []
+    live = LayerArrays(name=a.name, kernel=a.kernel, bias=None, activations=a.activations, grad_l1=None,
+                       uids=a.uids)
+    dead = _dead(live)
+    found = dead + _redundant(live, {d.filter for d in dead if d.filter is not None})
+    return [Diagnosis(layer=d.layer, kind=d.kind, score=d.score, message=f"{d.message} (live, provisional)",
+                      filter_uid=d.filter_uid, filter=d.filter, suggestion=d.suggestion) for d in found]

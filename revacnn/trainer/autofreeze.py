@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("revacnn.autofreeze")
 
+AUTO_FREEZE_MIN_FRACTION: float = 0.0
+"""No layer freezes before this fraction of the run's planned epochs (FreezeOut's ``t_0``; 0: from
+the first epoch on). See docs/diagnoses.md for the measured trade-off."""
+
 AUTO_FREEZE_PATIENCE: int = 2
 """A layer freezes only after reading `converged` this many epochs in a row: a single quiet epoch
 (Adam's step sizes fluctuate) is not enough (see docs/diagnoses.md for the measured effect)."""
@@ -94,6 +98,8 @@ class AutoFreezer:
                 peaks[name] = max(peaks.get(name, 0.0), change)
         self._prev = now
         done: list[str] = []
+        if epoch < AUTO_FREEZE_MIN_FRACTION * int(trainer.config.epochs or 0):
+            return done
         for name in names[:-1]:  # bottom-up; the last conv layer keeps training
             if name in frozen:
                 continue

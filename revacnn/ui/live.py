@@ -35,7 +35,7 @@ from .feed import TERMINAL, FeedState, RunFeed
 from .launcher import ForkForm, StartRunForm
 from .theme import MEASURE_LABELS, PAGE_CSS, make_template, status_badge
 from .views.curves import BatchCurvesView, CurvesView, event_x
-from .views.doctor import DoctorPanel, suggestion_command
+from .views.doctor import DoctorPanel, live_diagnoses, suggestion_command
 from .views.embedding import EmbeddingView
 from .views.events import EventLog
 from .views.network import NetworkView
@@ -577,11 +577,25 @@ class LiveApp(pn.viewable.Viewer):
         if cur is not None and cur.key != seen.get("frame"):
             seen["frame"] = cur.key
             self.network.frame = cur
+            self._live_findings(cur)
             self._selection_changed()
             if self.tabs.active == 1:
                 self.embedding.frame = cur
         elif self.tabs.active == 1 and cur is not None and self.embedding.frame is not cur:
             self.embedding.param.update(frame=cur, history=st.bundle.filters if st.bundle else None)
+
+    def _live_findings(self, cur: NetworkFrame) -> None:
+        """Between epochs: the doctor's provisional dead/redundant findings on the live snapshot."""
+        if not cur.live:
+            self.doctor.param.update(live=None, live_label="")
+            return
+        try:
+            found = live_diagnoses(cur)
+        except Exception:  # noqa: BLE001 - a provisional view must never break the page
+            log.debug("live diagnoses failed", exc_info=True)
+            return
+        where = f"epoch {cur.epoch}" + (f", batch {cur.batch}/{cur.n_batches}" if cur.batch is not None else "")
+        self.doctor.param.update(live=found, live_label=where)
 
     def _set_probes(self, bundle: Any) -> None:
         key = (bundle.session_id, len(bundle.probe_labels))
