@@ -28,7 +28,7 @@ from _common import median, table  # noqa: E402
 
 SIZES = {  # model -> (train_size, epochs): long enough for layers to converge, short enough for 2 cores
     "convnetjs": (10000, 20),  # ~2 s an epoch on 2 idle cores
-    "resnet20": (2000, 16),  # ~6 s an epoch
+    "resnet20": (1500, 12),  # ~4.5 s an epoch
 }
 VAL_SIZE = 2000  # 1 point = 20 images
 
