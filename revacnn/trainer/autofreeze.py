@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("revacnn.autofreeze")
 
-AUTO_FREEZE_MIN_FRACTION: float = 0.0
-"""No layer freezes before this fraction of the run's planned epochs (FreezeOut's ``t_0``; 0: from
-the first epoch on). See docs/diagnoses.md for the measured trade-off."""
+AUTO_FREEZE_MIN_FRACTION: float = 0.5
+"""No layer freezes before this fraction of the run's planned epochs (FreezeOut's ``t_0``, whose
+default is also 0.5; 0: from the first epoch on). Freezing convnetjs' conv1 and conv2 as soon as they
+read converged (epoch 6 of 20) cost 5-7 accuracy points; see docs/diagnoses.md for the figures."""
 
 AUTO_FREEZE_PATIENCE: int = 2
 """A layer freezes only after reading `converged` this many epochs in a row: a single quiet epoch

@@ -571,31 +571,44 @@ class LiveApp(pn.viewable.Viewer):
             self.error.visible = True
         elif self.error.visible and feed is not None:
             self.error.visible = False
+        if seen.get("live_doc") != (st.snap_v, st.status):
+            seen["live_doc"] = (st.snap_v, st.status)
+            self._live_findings(st)
         if seen.get("snap_v") != st.snap_v:
             seen["snap_v"] = st.snap_v
             self.batch_curves.param.update(batches=st.batches, n_batches=(cur.n_batches if cur else None))
         if cur is not None and cur.key != seen.get("frame"):
             seen["frame"] = cur.key
             self.network.frame = cur
-            self._live_findings(cur)
             self._selection_changed()
             if self.tabs.active == 1:
                 self.embedding.frame = cur
         elif self.tabs.active == 1 and cur is not None and self.embedding.frame is not cur:
             self.embedding.param.update(frame=cur, history=st.bundle.filters if st.bundle else None)
 
-    def _live_findings(self, cur: NetworkFrame) -> None:
-        """Between epochs: the doctor's provisional dead/redundant findings on the live snapshot."""
-        if not cur.live:
-            self.doctor.param.update(live=None, live_label="")
+    def _live_findings(self, st: FeedState) -> None:
+        """Between epochs: the doctor's provisional dead/redundant findings on the live snapshot.
+
+        Shown while the run trains and its snapshot is not older than its last record (the
+        snapshot at an epoch's end is the record's twin); cleared when the run ends.
+        """
+        snap, rec = st.live, st.record
+        if snap is None or st.status in TERMINAL or (rec is not None and (snap.epoch or 0) < (rec.epoch or 0)):
+            if self.doctor.live is not None:
+                self.doctor.param.update(live=None, live_label="")
             return
         try:
-            found = live_diagnoses(cur)
+            found = live_diagnoses(snap)
         except Exception:  # noqa: BLE001 - a provisional view must never break the page
             log.debug("live diagnoses failed", exc_info=True)
             return
-        where = f"epoch {cur.epoch}" + (f", batch {cur.batch}/{cur.n_batches}" if cur.batch is not None else "")
-        self.doctor.param.update(live=found, live_label=where)
+        where = f"snapshot in epoch {snap.epoch}"
+        old = self.doctor.live
+        same = (old is not None and where == self.doctor.live_label and len(old) == len(found)
+                and old[["layer", "filter_uid", "kind"]].astype(str).values.tolist()
+                == found[["layer", "filter_uid", "kind"]].astype(str).values.tolist())
+        if not same:  # redraw only when the findings change (a snapshot comes every second)
+            self.doctor.param.update(live=found, live_label=where)
 
     def _set_probes(self, bundle: Any) -> None:
         key = (bundle.session_id, len(bundle.probe_labels))

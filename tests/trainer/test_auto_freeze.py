@@ -12,7 +12,7 @@ from revacnn.analysis import doctor
 from revacnn.analysis.doctor import LayerArrays, converged_layer
 from revacnn.config import TrainConfig
 from revacnn.trainer import fork, train
-from revacnn.trainer.autofreeze import AUTO_FREEZE_PATIENCE
+from revacnn.trainer.autofreeze import AUTO_FREEZE_MIN_FRACTION, AUTO_FREEZE_PATIENCE
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,7 @@ def test_freezes_bottom_up_as_events_where_the_doctor_says_converged(auto_run):
                     / np.linalg.norm(run.epoch(k - 1).layer(layer).kernel))
 
         assert e - AUTO_FREEZE_PATIENCE >= 1
+        assert e >= AUTO_FREEZE_MIN_FRACTION * 8  # not before that share of the planned epochs
         for k in range(e - AUTO_FREEZE_PATIENCE + 1, e + 1):
             a, b = run.epoch(k - 1).layer(layer), run.epoch(k).layer(layer)
             peak = max(changes(j) for j in range(1, k))
