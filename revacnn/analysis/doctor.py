@@ -68,7 +68,8 @@ CONVERGED_CHANGE: float = 0.25
 """A layer stopped changing when its relative weight change in the epoch
 (``|W_e - W_{e-1}| / |W_{e-1}|``) fell to at most this fraction of the largest per-epoch change it
 had earlier in the run. Relative to the layer's own peak, because the absolute change per epoch
-scales with the number of steps per epoch and the learning rate; under Adam it never reaches 0."""
+scales with the number of steps per epoch and the learning rate; under Adam it never reaches 0.
+(0.35 until measured: it called convnetjs' conv1 converged at epoch 3 of 15 on 10,000 images.)"""
 
 CONVERGED_STILL: float = 1e-6
 """A relative change at or below this is no change at all (a frozen layer), whatever the peak."""

@@ -1,18 +1,19 @@
 """``--auto-freeze``: the trainer freezes converged conv layers itself, bottom-up, as recorded events.
 
-At the end of every trained epoch, before the epoch's snapshot and checkpoint are taken, the lowest
-conv layer that is not frozen yet is asked the doctor's `converged` question
+At the end of every trained epoch, before the epoch's snapshot and checkpoint are taken, every conv
+layer that is not frozen (the last one aside) is asked the doctor's `converged` question
 (`revacnn.analysis.doctor.converged_layer`: its relative weight change against its own peak, and the
-linear CKA of its probe activations against the previous epoch's). If it has converged it is frozen
-through the same steering op a user would send, and an ``events`` row says so (``kind`` ``freeze``,
-``args.source`` ``auto-freeze``). Bottom-up, one layer per epoch: a layer is only frozen once every
-conv layer below it is, as in FreezeOut, so frozen layers never sit above trained ones; and the
-last conv layer, the one the classifier reads, is never frozen: it keeps adapting the features to
-the head (freezing it too cost 6 accuracy points in `benchmarks/bench_doctor.py`).
+linear CKA of its probe activations against the previous epoch's). A layer that has read converged
+`AUTO_FREEZE_PATIENCE` epochs in a row is frozen through the same steering op a user would send, and
+an ``events`` row says so (``kind`` ``freeze``, ``args.source`` ``auto-freeze``). Bottom-up: a layer
+is only frozen once every conv layer below it is, as in FreezeOut, so frozen layers never sit above
+trained ones (several may freeze at the same epoch); nothing freezes before
+`AUTO_FREEZE_MIN_FRACTION` of the planned epochs; and the last conv layer, the one the classifier
+reads, is never frozen. docs/diagnoses.md gives the measured effect of each of these choices.
 
 The decision happens in the main thread at the epoch boundary (not in the recorder's worker), so it
 is deterministic: a resume or a no-change fork replays the same freezes at the same epochs. The peaks
-travel with each checkpoint in the trainer's state; the previous epoch's kernels and activations are
+and streaks travel with each checkpoint in the trainer's state; the previous epoch's kernels and activations are
 taken from the model when a run (or a resume) starts.
 
 Example:
