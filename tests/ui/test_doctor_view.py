@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
-
 import numpy as np
+import pandas as pd
 import pytest
 
 from revacnn.ui.data import LayerFrame, NetworkFrame
