@@ -239,8 +239,8 @@ class LiveApp(pn.viewable.Viewer):
                              "filters for steering (click again to unselect).</div>", margin=(0, 5)),
                 self.network,
                 pn.pane.HTML("<b>Doctor</b> <span style='color:var(--rv-muted);font-size:11px'>findings of "
-                             "the last recorded epoch; a fix is sent to the trainer as a steering "
-                             "command</span>"),
+                             "the last recorded epoch, and provisional ones (live) of the snapshot "
+                             "between epochs; a fix is sent to the trainer as a steering command</span>"),
                 self.doctor, self.doctor_note, sizing_mode="stretch_width")),
             ("Embedding", self._embedding_tab),
             ("Epoch curves", self._curves_tab),
