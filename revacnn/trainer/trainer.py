@@ -88,6 +88,8 @@ class TrainerState:
         cumulative_time_s: training seconds of this run's full history up to ``epoch``.
         convergence_peak: per conv layer, its largest relative weight change per epoch so far
             (``--auto-freeze`` judges convergence against it).
+        convergence_streak: per conv layer, how many epochs in a row it has read `converged`
+            (``--auto-freeze`` waits for `AUTO_FREEZE_PATIENCE` of them).
     """
 
     epoch: int = 0
@@ -97,6 +99,7 @@ class TrainerState:
     frozen_filters: dict[str, list[int]] = field(default_factory=dict)
     cumulative_time_s: float = 0.0
     convergence_peak: dict[str, float] = field(default_factory=dict)
+    convergence_streak: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +110,7 @@ class TrainerState:
             "frozen_filters": self.frozen_filters,
             "cumulative_time_s": self.cumulative_time_s,
             "convergence_peak": dict(self.convergence_peak),
+            "convergence_streak": dict(self.convergence_streak),
         }
 
     @classmethod
@@ -119,6 +123,7 @@ class TrainerState:
             frozen_filters={k: [int(u) for u in v] for k, v in d.get("frozen_filters", {}).items()},
             cumulative_time_s=float(d.get("cumulative_time_s", 0.0)),
             convergence_peak={k: float(v) for k, v in d.get("convergence_peak", {}).items()},
+            convergence_streak={k: int(v) for k, v in d.get("convergence_streak", {}).items()},
         )
 
 

@@ -19,7 +19,7 @@ from .theme import MEASURE_LABELS, PAGE_CSS, make_template, status_badge
 from .views._component import run_locked
 from .views.compare import CompareView, default_pair
 from .views.curves import CurvesView
-from .views.doctor import DoctorPanel, fork_command_line
+from .views.doctor import DoctorForks, DoctorPanel
 from .views.embedding import EmbeddingView
 from .views.events import EventLog
 from .views.filter_detail import FilterDetail
@@ -100,9 +100,9 @@ class ReplayApp(Viewer):
         self.network = NetworkView(width_per_layer=250)
         self.patterns = PatternIndicators()
         self.detail = FilterDetail(kernel_loader=self._kernel)
-        self.doctor = DoctorPanel(action="show the fork command for this epoch")
-        self.doctor_fork = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["rv-doctor-fork"],
-                                        visible=False)
+        self.doctor = DoctorPanel(action="fork the run at this epoch with this fix")
+        self.doctor_forks = DoctorForks(self.doctor, str(self.data.path))
+        self.doctor_fork = self.doctor_forks.note
         self.doctor.param.watch(self._on_doctor, "request")
         self._views: dict[str, Any] = {}
         self._pair: tuple[str | None, str | None] = (None, None)
@@ -311,6 +311,8 @@ class ReplayApp(Viewer):
 
     def _poll(self) -> None:
         """The periodic check: cheap (an int compare); the refresh itself runs without the lock."""
+        if self.doctor_forks.job is not None:
+            self.doctor_forks.poll()
         try:
             version = self.data.version()
         except Exception:  # noqa: BLE001
@@ -404,6 +406,7 @@ class ReplayApp(Viewer):
             self.patterns.layers = bundle.layers
             self.detail.history = bundle.filters
             self.doctor.diagnoses = bundle.diagnoses
+            self.doctor_forks.refresh_handled(bundle.run_id)
             if choose_epoch:
                 self._pair = default_pair(self.picker.rows, bundle.run_id)
             for name in LAZY_TABS:
@@ -592,21 +595,11 @@ class ReplayApp(Viewer):
             pn.state.execute(self.sql.run)
 
     def _on_doctor(self, event: Any) -> None:
-        """A click on a finding's fix: the replay page cannot train, so it gives the fork command."""
+        """A click on a finding's fix: start ``revacnn fork`` at this epoch with it (and show the line)."""
         req, b = event.new, self.bundle
         if not req or b is None or self.epoch is None:
             return
-        try:
-            line = fork_command_line(str(self.data.path), b.run_id, self.epoch, req)
-        except (RevacnnError, KeyError, TypeError, ValueError) as exc:
-            self.doctor_fork.object = _message_html(html.escape(str(exc)), "warn")
-        else:
-            self.doctor_fork.object = _message_html(
-                "Fork this run at this epoch with that fix by running (the replay page does not "
-                "start trainings; the live page's fork form does):"
-                f"<pre class='rv-fork-cmd' style='user-select:all;white-space:pre-wrap;margin:6px 0 0 0'>"
-                f"{html.escape(line)}</pre>", "info")
-        self.doctor_fork.visible = True
+        self.doctor_forks.click(b.run_id, self.epoch, req)
 
     def _kernel(self, layer: str) -> np.ndarray | None:
         if self.bundle is None or self.epoch is None:

@@ -35,7 +35,7 @@ from .feed import TERMINAL, FeedState, RunFeed
 from .launcher import ForkForm, StartRunForm
 from .theme import MEASURE_LABELS, PAGE_CSS, make_template, status_badge
 from .views.curves import BatchCurvesView, CurvesView, event_x
-from .views.doctor import DoctorPanel, suggestion_command
+from .views.doctor import DoctorPanel, live_diagnoses, suggestion_command
 from .views.embedding import EmbeddingView
 from .views.events import EventLog
 from .views.network import NetworkView
@@ -239,8 +239,8 @@ class LiveApp(pn.viewable.Viewer):
                              "filters for steering (click again to unselect).</div>", margin=(0, 5)),
                 self.network,
                 pn.pane.HTML("<b>Doctor</b> <span style='color:var(--rv-muted);font-size:11px'>findings of "
-                             "the last recorded epoch; a fix is sent to the trainer as a steering "
-                             "command</span>"),
+                             "the last recorded epoch, and provisional ones (live) of the snapshot "
+                             "between epochs; a fix is sent to the trainer as a steering command</span>"),
                 self.doctor, self.doctor_note, sizing_mode="stretch_width")),
             ("Embedding", self._embedding_tab),
             ("Epoch curves", self._curves_tab),
@@ -571,6 +571,9 @@ class LiveApp(pn.viewable.Viewer):
             self.error.visible = True
         elif self.error.visible and feed is not None:
             self.error.visible = False
+        if seen.get("live_doc") != (st.snap_v, st.status):
+            seen["live_doc"] = (st.snap_v, st.status)
+            self._live_findings(st)
         if seen.get("snap_v") != st.snap_v:
             seen["snap_v"] = st.snap_v
             self.batch_curves.param.update(batches=st.batches, n_batches=(cur.n_batches if cur else None))
@@ -582,6 +585,30 @@ class LiveApp(pn.viewable.Viewer):
                 self.embedding.frame = cur
         elif self.tabs.active == 1 and cur is not None and self.embedding.frame is not cur:
             self.embedding.param.update(frame=cur, history=st.bundle.filters if st.bundle else None)
+
+    def _live_findings(self, st: FeedState) -> None:
+        """Between epochs: the doctor's provisional dead/redundant findings on the live snapshot.
+
+        Shown while the run trains and its snapshot is not older than its last record (the
+        snapshot at an epoch's end is the record's twin); cleared when the run ends.
+        """
+        snap, rec = st.live, st.record
+        if snap is None or st.status in TERMINAL or (rec is not None and (snap.epoch or 0) < (rec.epoch or 0)):
+            if self.doctor.live is not None:
+                self.doctor.param.update(live=None, live_label="")
+            return
+        try:
+            found = live_diagnoses(snap)
+        except Exception:  # noqa: BLE001 - a provisional view must never break the page
+            log.debug("live diagnoses failed", exc_info=True)
+            return
+        where = f"snapshot in epoch {snap.epoch}"
+        old = self.doctor.live
+        same = (old is not None and where == self.doctor.live_label and len(old) == len(found)
+                and old[["layer", "filter_uid", "kind"]].astype(str).values.tolist()
+                == found[["layer", "filter_uid", "kind"]].astype(str).values.tolist())
+        if not same:  # redraw only when the findings change (a snapshot comes every second)
+            self.doctor.param.update(live=found, live_label=where)
 
     def _set_probes(self, bundle: Any) -> None:
         key = (bundle.session_id, len(bundle.probe_labels))

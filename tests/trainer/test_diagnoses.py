@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import revacnn
 from revacnn.steering import parse
@@ -69,3 +70,45 @@ def test_colour_dropped_input_shows_the_rgb_pattern(tmp_path, keras_mod, tiny_da
     layers = store.sql(f"SELECT rgb_mono_fraction FROM layers WHERE run_id = '{run.run_id}' "
                        "AND layer = 'conv1' AND epoch = 2")
     assert layers.rgb_mono_fraction[0] < 0.5
+
+
+def _mean_sq_cosine_excess(kernel: np.ndarray) -> float:
+    """The reference for the cluster pattern, from its definition (chance-corrected mean c_ij**2)."""
+    f = kernel.reshape(len(kernel), -1).astype(np.float64)
+    u = f / np.linalg.norm(f, axis=1, keepdims=True)
+    c2 = (u @ u.T) ** 2
+    m = (c2.sum() - np.trace(c2)) / (len(f) * (len(f) - 1))
+    d = f.shape[1]
+    return max(0.0, (m - 1 / d) / (1 - 1 / d))
+
+
+def test_a_too_high_learning_rate_shows_the_cluster_pattern(tmp_path):
+    """The paper's first scenario: convnetjs on ``shapes`` with lr 0.03 collapses its filters onto few
+    directions and the doctor says so (suggesting a tenth of the rate); the same run at 1e-3 does not.
+    Small on purpose (1,000 images, 2 epochs: a few seconds on a CPU); `bench_patterns.py` has the
+    larger version."""
+    from revacnn.analysis.doctor import CLUSTER_THRESHOLD
+    from revacnn.config import TrainConfig
+    from revacnn.trainer import train
+
+    store = revacnn.open_store(tmp_path / "store")
+    base = TrainConfig(epochs=2, train_size=1000, val_size=200, probes=8, seed=0, embeddings=False,
+                       live_every_s=0)
+    found = {}
+    for lr in (1e-3, 0.03):
+        run = train(base.replace(lr=lr, name=f"lr={lr:g}"), store, progress=False)
+        d = store.sql(f"SELECT layer, score, suggestion FROM diagnoses WHERE run_id = '{run.run_id}' "
+                      "AND kind = 'cluster_pattern' AND epoch = 2 ORDER BY layer")
+        # the reference: the definition's score on the recorded kernels of epoch 2
+        rec = run.epoch(2)
+        ref = {layer: _mean_sq_cosine_excess(rec.layer(layer).kernel) for layer in rec.conv_layers}
+        found[lr] = (d, ref)
+    healthy, high = found[1e-3], found[0.03]
+    assert len(healthy[0]) == 0
+    assert max(healthy[1].values()) < CLUSTER_THRESHOLD
+    flagged = high[0]
+    assert len(flagged) >= 1
+    assert set(flagged.layer) == {n for n, s in high[1].items() if s >= CLUSTER_THRESHOLD}
+    for layer, score, sug in flagged[["layer", "score", "suggestion"]].values.tolist():
+        assert abs(score - high[1][layer]) < 1e-4
+        assert json.loads(sug) == {"op": "set-lr", "args": {"lr": pytest.approx(0.003)}}
