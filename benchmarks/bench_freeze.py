@@ -1,4 +1,4 @@
-"""Freezing: epoch time and accuracy of forks with conv1 / conv1+conv2 frozen vs none; steering command latency."""
+"""Freezing: step time, and epoch time and accuracy of forks, with layers frozen vs none; steering command latency."""
 
 from __future__ import annotations
 
@@ -54,6 +54,55 @@ def freeze_experiment(store, model: str, train_size: int, fork_epoch: int, epoch
         {"model": model, "frozen": v, "epoch_s": median(times[v]), "ratio": median(ratios[v]),
          "ratio_min": min(ratios[v]), "ratio_max": max(ratios[v]), "samples": len(ratios[v]),
          "final_val_acc": median(acc[v])}
+        for v in variants
+    ]
+
+
+def step_experiment(model_name: str, rounds: int, batch: int = 64, steps: int = 10) -> list[dict]:
+    """The trainer's own train step alone (no recording, no data loading), frozen vs unfrozen, alternated.
+
+    Both arms' steps are traced first (`revacnn.trainer.step.StepCache`), then each round times
+    ``steps`` steps of every arm (A B, then B A); the ratio is taken within the round.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from revacnn.models import build_model
+    from revacnn.models.graph import recorded_layers
+    from revacnn.trainer.step import LayerSpec, StepCache
+
+    keras.utils.set_random_seed(0)
+    model = build_model(model_name, (32, 32, 3), 4)
+    opt = keras.optimizers.Adam(1e-3)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy())
+    opt.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    n = batch * steps
+    x_all = tf.constant(rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8))
+    y_all = tf.constant(rng.integers(0, 4, n))
+    cache = StepCache()
+    variants = variants_of(model_name)
+    fns = {}
+    for v, frozen in variants.items():
+        specs = [LayerSpec(r, r.name in frozen, None) for r in recorded_layers(model)]
+        fns[v] = cache.steps(model, opt, specs, x_all=x_all, y_all=y_all)[0].step_idx
+        fns[v](tf.range(batch, dtype=tf.int32))  # trace
+    idx = [tf.range(b * batch, (b + 1) * batch, dtype=tf.int32) for b in range(steps)]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(variants)
+    for r in range(rounds):
+        for v in order if r % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            for i in idx:
+                float(fns[v](i))
+            times[v].append((time.perf_counter() - t) / steps)
+    ratios = {v: [a / b for a, b in zip(times[v], times["none"], strict=True)] for v in variants}
+    return [
+        {"model": model_name, "frozen": v, "step_ms": 1e3 * median(times[v]), "ratio": median(ratios[v]),
+         "ratio_min": min(ratios[v]), "ratio_max": max(ratios[v]),
+         # the fastest samples are the least disturbed by other load on a shared machine
+         "fastest_ratio": min(times[v]) / min(times["none"]), "samples": rounds}
         for v in variants
     ]
 
@@ -117,19 +166,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5, help="alternated rounds (samples per arm)")
     p.add_argument("--models", default="convnetjs,revacnn,resnet20")
     p.add_argument("--resnet-train-size", type=int, default=1000)
+    p.add_argument("--no-epochs", action="store_true", help="the step-level comparison only")
+    p.add_argument("--no-latency", action="store_true")
     args = p.parse_args(argv)
     import revacnn
 
     store = revacnn.open_store(Path(tempfile.mkdtemp(prefix="revacnn-freeze-")) / "store")
+    step_rows = []
+    for model in args.models.split(","):  # the step alone: what freezing saves in compute
+        step_rows += step_experiment(model, max(args.rounds, 5) * 2)
+        print(table(step_rows[-len(variants_of(model)):]), flush=True)
     rows = []
-    for model in args.models.split(","):
+    for model in [] if args.no_epochs else args.models.split(","):  # whole epochs of forks, recording on
         size = args.resnet_train_size if model == "resnet20" else args.train_size
         rows += freeze_experiment(store, model, size, args.fork_epoch, args.epochs, args.rounds)
         print(table(rows[-len(variants_of(model)):]), flush=True)
+    print(table(step_rows))
     print(table(rows))
-    lat = command_latency(store)
-    print(table([lat]))
-    out = {"freeze": rows, "latency": lat}
+    out = {"step": step_rows, "freeze": rows}
+    if not args.no_latency:
+        lat = command_latency(store)
+        print(table([lat]))
+        out["latency"] = lat
     print(json.dumps(out))
     return out
 

@@ -1,8 +1,9 @@
-"""Group filter surgery latency on a CIFAR ResNet-20: in-process apply + first step, and the live steer round trip."""
+"""Surgery and freeze latency on a CIFAR ResNet-20: in-process apply, re-trace and first step; the live steer round trip."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -50,43 +51,49 @@ def _model():
 
 
 def in_process(samples: int, batch: int = 64) -> list[dict]:
-    """graph.apply (plan, rebuild, weight copy, optimizer transfer), then a freshly traced train step."""
+    """graph.apply (plan, rebuild, weight copy, optimizer transfer), then the trainer's own train step
+    (`revacnn.trainer.step`) traced afresh: its Python trace and its first call (graph optimisation,
+    instantiation, one step) timed apart. Freeze rows: a new frozen set, and back to a traced one (cached)."""
     import keras
     import numpy as np
     import tensorflow as tf
 
+    from revacnn.models.graph import recorded_layers
     from revacnn.steering import graph
+    from revacnn.trainer.step import LayerSpec, StepCache
 
     keras.utils.set_random_seed(0)
     model, source = _model()
     opt = keras.optimizers.Adam(1e-3)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy())
     opt.build(model.trainable_variables)
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(batch, 32, 32, 3)).astype("float32"))
+    x = tf.constant(rng.integers(0, 255, (batch, 32, 32, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, 10, batch))
-    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    idx = tf.range(batch, dtype=tf.int32)
 
-    def make_step(m, o):
-        @tf.function
-        def step():
-            with tf.GradientTape() as tape:
-                loss = loss_fn(y, m(x, training=True))
-            g = tape.gradient(loss, m.trainable_variables)
-            o.apply(g, m.trainable_variables)
-            return loss
+    def make_step(m, o, cache=None, frozen=()):
+        """(trace_s, first_call_s) of the trainer's step for ``m``; the step itself."""
+        if not getattr(m, "compiled", False) or m.optimizer is not o:
+            m.compile(optimizer=o, loss=keras.losses.SparseCategoricalCrossentropy())
+        specs = [LayerSpec(r, r.name in frozen, None) for r in recorded_layers(m)]
+        cache = cache or StepCache()
+        t0 = time.perf_counter()
+        traced, hit = cache.steps(m, o, specs, x_all=x, y_all=y)
+        if not hit:
+            traced.step_idx.get_concrete_function()  # the Python trace alone
+        t1 = time.perf_counter()
+        float(traced.step_idx(idx))
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, traced.step_idx
 
-        return step
-
-    step = make_step(model, opt)
-    t = time.perf_counter()
-    float(step())  # the first call traces: what any re-trace (freeze, surgery) costs
-    base_trace = time.perf_counter() - t
+    base_trace, base_first, step = make_step(model, opt)
     for _ in range(2):
-        step()
+        step(idx)
     base_step = []
     for _ in range(5):
         t = time.perf_counter()
-        float(step())
+        float(step(idx))
         base_step.append(time.perf_counter() - t)
     ops = [
         ("add-filters", {"layer": "s1b1_conv2", "n": 2}),       # the stage-1 residual group
@@ -94,9 +101,14 @@ def in_process(samples: int, batch: int = 64) -> list[dict]:
         ("add-filters", {"layer": "s3b2_conv1", "n": 4}),       # a block-internal layer
         ("reinit-filters", {"layer": "s1b2_conv1", "indices": [1, 2]}),
     ]
+    if source.startswith("revacnn"):  # the built-in model names its convs conv1..conv21
+        ops = [("add-filters", {"layer": "conv3", "n": 2}), ("delete-filters", {"layer": "conv10", "indices": [0, 5]}),
+               ("add-filters", {"layer": "conv18", "n": 4}), ("reinit-filters", {"layer": "conv4", "indices": [1, 2]})]
+    cache = StepCache()
+    make_step(model, opt, cache)  # the unfrozen step, traced: what reinit (in place) reuses
     rows = []
     for op, args in ops:
-        apply_s, first_s, plan_s = [], [], []
+        apply_s, trace_s, first_s, plan_s = [], [], [], []
         group = changed = None
         for i in range(samples):
             a = dict(args)  # every sample starts from the same (original) model
@@ -105,27 +117,42 @@ def in_process(samples: int, batch: int = 64) -> list[dict]:
             t1 = time.perf_counter()
             res = graph.apply(model, opt, {"op": op, "args": a}, seed=i)
             t2 = time.perf_counter()
-            new_step = make_step(res.model, res.optimizer) if res.model is not model else step
-            float(new_step())
-            t3 = time.perf_counter()
+            same = res.model is model
+            tr, first, _ = make_step(res.model if not same else model, res.optimizer if not same else opt,
+                                     cache if same else None)
             plan_s.append(t1 - t0)
             apply_s.append(t2 - t1)
-            first_s.append(t3 - t2)
+            trace_s.append(tr)
+            first_s.append(first)
             group, changed = p.group, len(p.changes)
             del res
+        tot = [a + b + c for a, b, c in zip(apply_s, trace_s, first_s, strict=True)]
         rows.append({
             "op": f"{op} {args['layer']}", "group": len(group), "layers_changed": changed,
             "plan_ms": 1e3 * median(plan_s), "apply_ms": 1e3 * median(apply_s),
             "apply_min_ms": 1e3 * min(apply_s), "apply_max_ms": 1e3 * max(apply_s),
-            "first_step_ms": 1e3 * median(first_s),
-            "total_ms": 1e3 * median(a + b for a, b in zip(apply_s, first_s, strict=True)),
-            "total_max_ms": 1e3 * max(a + b for a, b in zip(apply_s, first_s, strict=True)),
+            "trace_ms": 1e3 * median(trace_s), "first_call_ms": 1e3 * median(first_s),
+            "total_ms": 1e3 * median(tot), "total_min_ms": 1e3 * min(tot), "total_max_ms": 1e3 * max(tot),
             "samples": samples,
         })
-    rows.append({"op": f"(no surgery: first call incl. trace, {source}, batch {batch})",
-                 "first_step_ms": 1e3 * base_trace, "samples": 1, "group": "", "layers_changed": ""})
-    rows.append({"op": "(no surgery: traced step)", "first_step_ms": 1e3 * median(base_step),
-                 "samples": len(base_step), "group": "", "layers_changed": ""})
+    stage1 = [f"conv{i}" for i in range(1, 8)] if source.startswith("revacnn") else []
+    if stage1:  # freeze: same variables, a new frozen set; then back to the sets already traced
+        fz_new, fz_back = [], []
+        for _ in range(samples):
+            c = StepCache()
+            make_step(model, opt, c)
+            tr, first, _ = make_step(model, opt, c, frozen=stage1)
+            fz_new.append(tr + first)
+            tr, first, _ = make_step(model, opt, c)  # unfreeze back: cached
+            fz_back.append(tr + first)
+        rows.append({"op": "freeze conv1..conv7 (a new frozen set)", "total_ms": 1e3 * median(fz_new),
+                     "total_min_ms": 1e3 * min(fz_new), "total_max_ms": 1e3 * max(fz_new), "samples": samples})
+        rows.append({"op": "unfreeze back (a frozen set traced before: cached)", "total_ms": 1e3 * median(fz_back),
+                     "total_min_ms": 1e3 * min(fz_back), "total_max_ms": 1e3 * max(fz_back), "samples": samples})
+    rows.append({"op": f"(no surgery: first trace, {source}, batch {batch})", "trace_ms": 1e3 * base_trace,
+                 "first_call_ms": 1e3 * base_first, "total_ms": 1e3 * (base_trace + base_first), "samples": 1})
+    rows.append({"op": "(no surgery: traced step)", "first_call_ms": 1e3 * median(base_step),
+                 "samples": len(base_step)})
     return rows
 
 
@@ -143,6 +170,8 @@ def round_trip(samples: int) -> dict:
     store = open_store(Path(tempfile.mkdtemp(prefix="revacnn-surgery-")) / "store")
     model, source = _model()
     ops = [("add-filters", ["s1b1_conv2", "1"]), ("delete-filters", ["s1b1_conv2", "0"])]
+    if source.startswith("revacnn"):  # the built-in model: conv3 is s1b1_conv2
+        ops = [("add-filters", ["conv3", "1"]), ("delete-filters", ["conv3", "0"])]
     try:
         validate_model(model)
         shape = (32, 32, 3)
@@ -160,8 +189,8 @@ def round_trip(samples: int) -> dict:
         import numpy as np
 
         rng = np.random.default_rng(0)
-        ds.x_train = rng.integers(0, 255, (3000, *shape), dtype=np.uint8)
-        ds.x_val = rng.integers(0, 255, (300, *shape), dtype=np.uint8)
+        ds = dataclasses.replace(ds, x_train=rng.integers(0, 255, (3000, *shape), dtype=np.uint8),
+                                 x_val=rng.integers(0, 255, (300, *shape), dtype=np.uint8))
     cfg = TrainConfig(epochs=40, train_size=len(ds.y_train), val_size=300, embeddings=False)
     opt = keras.optimizers.Adam(1e-3)
     opt.build(model.trainable_variables)
@@ -170,7 +199,7 @@ def round_trip(samples: int) -> dict:
                          probe_labels=ds.y_val[pidx], probe_indices=pidx, class_names=ds.class_names, config={})
     writer = RunWriter.create(store, session_id=sid, config=cfg.to_dict(), name="surgery-latency")
     trainer = Trainer(model=model, optimizer=opt, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
-                      data=TrainData(ds.x_train, ds.y_train, ds.x_val, ds.y_val), probe_images=ds.x_val[pidx],
+                      data=TrainData.arrays(ds.x_train, ds.y_train, ds.x_val, ds.y_val), probe_images=ds.x_val[pidx],
                       probe_labels=ds.y_val[pidx], writer=writer, config=cfg, progress=False)
     trained_at: dict[str, float] = {}
     current: list[str | None] = [None]
@@ -178,17 +207,17 @@ def round_trip(samples: int) -> dict:
 
     def swap(result):  # time the first step of the new model (it includes the re-trace)
         real_swap(result)
-        step = trainer._step
+        step = trainer._step_idx  # array data: the trainer steps by indices
 
         def timed(idx):
             out = step(idx)
             float(out)
             if current[0] and current[0] not in trained_at:
                 trained_at[current[0]] = time.time()
-            trainer._step = step
+            trainer._step_idx = step
             return out
 
-        trainer._step = timed
+        trainer._step_idx = timed
 
     trainer.swap = swap
     sent: dict[str, float] = {}
@@ -231,10 +260,11 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--no-round-trip", action="store_true")
+    p.add_argument("--no-in-process", action="store_true")
     args = p.parse_args(argv)
-    rows = in_process(args.samples)
+    rows = [] if args.no_in_process else in_process(args.samples)
     print(table(rows, ["op", "group", "layers_changed", "plan_ms", "apply_ms", "apply_min_ms", "apply_max_ms",
-                       "first_step_ms", "total_ms", "total_max_ms", "samples"]))
+                       "trace_ms", "first_call_ms", "total_ms", "total_min_ms", "total_max_ms", "samples"]))
     out: dict = {"in_process": rows}
     if not args.no_round_trip:
         rt = round_trip(args.samples)

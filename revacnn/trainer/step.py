@@ -41,6 +41,12 @@ class StepState:
         self.correct = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.seen = tf.Variable(0, dtype=tf.int64, trainable=False)
 
+    def reset(self) -> None:
+        """Zero everything: the metrics and the per-filter gradient sums."""
+        self.reset_metrics()
+        for v in self.grad_l1.values():
+            v.assign(tf.zeros_like(v))
+
     def reset_metrics(self) -> None:
         self.loss_sum.assign(0.0)
         self.correct.assign(0)
@@ -243,6 +249,95 @@ def build_probe_step(
         return gp(x)
 
     return probe
+
+
+# ---------------------------------------------------------------- traced steps, cached (steering speed)
+@dataclass
+class TracedSteps:
+    """One frozen set's train steps (see `build_train_step`) and the accumulators they write into."""
+
+    state: StepState
+    step: Callable[[Any, Any], tf.Tensor]
+    step_idx: Callable[[tf.Tensor], tf.Tensor] | None
+
+
+class StepCache:
+    """The traced steps of one model and optimizer, so that steering re-traces only what changed.
+
+    * Train steps are kept per frozen set of whole layers (the LRU ``limit`` most recent):
+      unfreezing back to a set seen before, or a command that leaves the set as it was
+      (``reinit-filters``, which changes values in place), reuses the traced step and its
+      accumulators instead of tracing the step again. A frozen set with single frozen filters
+      is never cached: its step holds the frozen filters' values as constants.
+    * The eval and probe functions do not depend on what is frozen: they are made once per model.
+    * Any other model, optimizer or training arrays (after surgery) clear the cache.
+
+    Example:
+        >>> cache = StepCache()
+        >>> traced, hit = cache.steps(model, optimizer, specs)  # hit: no new tf.function traced
+        >>> evaluate, probe = cache.eval_step(model), cache.probe_step(model, recs)
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._owner: tuple[Any, ...] = ()
+        self._steps: dict[tuple[str, ...], TracedSteps] = {}
+        self._eval: Callable[[Any, Any], tuple[tf.Tensor, tf.Tensor, tf.Tensor]] | None = None
+        self._probe: Callable[[Any], tuple[list[tf.Tensor], tf.Tensor]] | None = None
+
+    def _check_owner(self, *owner: Any) -> None:
+        if len(owner) != len(self._owner) or any(a is not b for a, b in zip(owner, self._owner, strict=False)):
+            self._owner, self._steps, self._eval, self._probe = owner, {}, None, None
+
+    @staticmethod
+    def key(specs: Sequence[LayerSpec]) -> tuple[str, ...] | None:
+        """The frozen layers' names, or None when single filters are frozen (not cacheable)."""
+        if any(s.frozen_mask is not None and s.frozen_mask.any() for s in specs if not s.frozen):
+            return None
+        return tuple(sorted(s.rec.name for s in specs if s.frozen))
+
+    def steps(
+        self,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        specs: Sequence[LayerSpec],
+        *,
+        x_all: tf.Tensor | None = None,
+        y_all: tf.Tensor | None = None,
+    ) -> tuple[TracedSteps, bool]:
+        """The train steps for ``specs``: ``(steps, hit)``, ``hit`` when they were traced before."""
+        self._check_owner(model, optimizer, x_all, y_all)
+        key = self.key(specs)
+        if key is not None and key in self._steps:
+            traced = self._steps.pop(key)
+            self._steps[key] = traced  # most recently used last
+            return traced, True
+        state = StepState(specs)
+        step, step_idx = build_train_step(model, optimizer, specs, state, x_all=x_all, y_all=y_all)
+        traced = TracedSteps(state, step, step_idx)
+        if key is not None:
+            self._steps[key] = traced
+            while len(self._steps) > self.limit:
+                self._steps.pop(next(iter(self._steps)))
+        return traced, False
+
+    def eval_step(self, model: keras.Model) -> Callable[[Any, Any], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+        """`build_eval_step` of ``model``, made once per model."""
+        if not self._owner or self._owner[0] is not model:
+            self._check_owner(model)
+        if self._eval is None:
+            self._eval = build_eval_step(model)
+        return self._eval
+
+    def probe_step(
+        self, model: keras.Model, layers: Sequence[RecordedLayer]
+    ) -> Callable[[Any], tuple[list[tf.Tensor], tf.Tensor]]:
+        """`build_probe_step` of ``model``, made once per model."""
+        if not self._owner or self._owner[0] is not model:
+            self._check_owner(model)
+        if self._probe is None:
+            self._probe = build_probe_step(model, layers)
+        return self._probe
 
 
 def as_probabilities(out: np.ndarray) -> np.ndarray:

@@ -20,14 +20,7 @@ from .autofreeze import AutoFreezer
 from .checkpoint import capture
 from .recorder import EpochSnapshot, LayerSnapshot, Recorder
 from .sources import ArraySource, Source, as_source
-from .step import (
-    LayerSpec,
-    StepState,
-    as_probabilities,
-    build_eval_step,
-    build_probe_step,
-    build_train_step,
-)
+from .step import LayerSpec, StepCache, as_probabilities
 
 log = logging.getLogger("revacnn.trainer")
 
@@ -225,15 +218,18 @@ class Trainer:
                 mask = np.array([u in frozen_uids for u in self.state.uids[r.name]], bool)
             specs.append(LayerSpec(r, r.name in self.state.frozen_layers, mask))
         self.specs = specs
-        self.step_state = StepState(specs)
         x_all = y_all = None
         if isinstance(self.data.train, ArraySource):
             x_all, y_all = self.data.train.device()
-        self._step, self._step_idx = build_train_step(
-            self.model, self.optimizer, specs, self.step_state, x_all=x_all, y_all=y_all
-        )
-        self._eval = build_eval_step(self.model)
-        self._probe = build_probe_step(self.model, self.recs)
+        # traced steps by frozen set: unfreezing back, or reinit, re-traces nothing (step.StepCache)
+        cache = self.__dict__.setdefault("_step_cache", StepCache())
+        traced, _hit = cache.steps(self.model, self.optimizer, specs, x_all=x_all, y_all=y_all)
+        self.step_state = traced.state
+        if saved is None:
+            self.step_state.reset()
+        self._step, self._step_idx = traced.step, traced.step_idx
+        self._eval = cache.eval_step(self.model)
+        self._probe = cache.probe_step(self.model, self.recs)
         self._acc_uids = {name: list(self.state.uids[name]) for name in self.step_state.grad_l1}
         if saved is not None:
             grads, loss_sum, correct, seen = saved
