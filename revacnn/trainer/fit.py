@@ -54,8 +54,11 @@ def runtime_settings() -> dict[str, Any]:
     }
 
 
-def check_runtime(config: TrainConfig, what: str) -> str | None:
+def check_runtime(config: TrainConfig, what: str, strategy: Any = None) -> str | None:
     """Compare the run's recorded runtime settings with this process's; warn when they differ.
+
+    The replica count (``strategy``) is compared too: a run continued on another number of
+    replicas sums its gradients in another order (float tolerance, not bit-exact).
 
     Returns:
         The warning printed (and logged), or None when the settings match.
@@ -64,6 +67,8 @@ def check_runtime(config: TrainConfig, what: str) -> str | None:
     now = runtime_settings()
     if not then:
         return None
+    now["replicas"] = _replicas(strategy)
+    then.setdefault("replicas", 1)
     diff = {k: (then.get(k), now[k]) for k in now if then.get(k) != now[k]}
     if not diff:
         return None
@@ -75,6 +80,40 @@ def check_runtime(config: TrainConfig, what: str) -> str | None:
     log.warning(msg)
     print(msg, file=sys.stderr)
     return msg
+
+
+def _replicas(strategy: Any) -> int:
+    return 1 if strategy is None else int(strategy.num_replicas_in_sync)
+
+
+def _distributed(strategy: Any) -> tuple[Any, Any]:
+    """``(description, CommandSync or None)`` of a strategy; the sync exists across several workers."""
+    from .distribute import CommandSync, describe
+
+    d = describe(strategy)
+    return d, (CommandSync(strategy) if d["workers"] > 1 else None)
+
+
+def _open_writer(store: Store, strategy: Any, sync: Any, make: Any) -> RunWriter:
+    """The chief runs ``make()`` (it creates the session and the run); the others get its run id."""
+    from .distribute import WorkerWriter, broadcast_run_id, describe
+
+    if sync is None:
+        return make()
+    task = describe(strategy)["task"]
+    if task == 0:
+        writer = make()
+        broadcast_run_id(sync, writer.run_id)
+        return writer
+    return WorkerWriter(store, broadcast_run_id(sync, None), task)
+
+
+def _single_worker(strategy: Any, what: str) -> None:
+    from .distribute import describe
+
+    if describe(strategy)["workers"] > 1:
+        raise ConfigError(f"Received: a {what} under a strategy with several workers (expected one host: "
+                          f"{what} it on one device or under MirroredStrategy)")
 
 
 def _make_optimizer(name: str, lr: float, momentum: float) -> keras.optimizers.Optimizer:
@@ -152,6 +191,7 @@ def fit(
     embeddings: bool = True,
     deterministic: bool = True,
     auto_freeze: bool = False,
+    strategy: Any = None,
 ) -> Run:
     """Train a Keras model as compiled and record every epoch (epoch 0 = initialisation) into a store.
 
@@ -178,6 +218,10 @@ def fit(
         embeddings: compute t-SNE embeddings of the filters.
         deterministic: enable TF op determinism (exact replays of forks and resumes).
         auto_freeze: freeze converged conv layers bottom-up, as recorded events (docs/diagnoses.md).
+        strategy: a ``tf.distribute.MirroredStrategy`` or ``MultiWorkerMirroredStrategy``; build and
+            compile ``model`` inside its ``scope()``. Each global batch (``batch_size`` examples) is
+            split across the replicas; the recorded gradient sums are of the global-batch loss. With
+            several workers, every worker calls `fit` alike and only the chief writes the store.
 
     Returns:
         The recorded `Run`.
@@ -194,7 +238,15 @@ def fit(
     st = store if isinstance(store, Store) else open_store(store)
     tdata = TrainData.of(data, validation_data)
     compiled = bool(getattr(model, "compiled", False)) and getattr(model, "optimizer", None) is not None
-    optimizer = model.optimizer if compiled else keras.optimizers.Adam(learning_rate=lr)
+    from .distribute import check_distributed, scope
+
+    with scope(strategy):
+        optimizer = model.optimizer if compiled else keras.optimizers.Adam(learning_rate=lr)
+    dist, sync = _distributed(strategy)
+    if strategy is not None:
+        check_distributed(model, optimizer, strategy)
+        if auto_freeze and sync is not None:
+            raise ConfigError("Received: auto_freeze=True with several workers (expected one host)")
     n_train = len(tdata.train) if isinstance(tdata.train, ArraySource) else None
     n_val = len(tdata.val) if isinstance(tdata.val, ArraySource) else None
     cfg = TrainConfig(
@@ -202,24 +254,30 @@ def fit(
         lr=float(np.asarray(optimizer.learning_rate)), optimizer=type(optimizer).__name__.lower(),
         train_size=n_train, val_size=n_val, probes=probes if isinstance(probes, int) else len(probes[1]),
         seed=seed, name=name, embeddings=embeddings, deterministic=deterministic,
-        auto_freeze=bool(auto_freeze), runtime=runtime_settings(),
-        extra={"data": tdata.train.kind, "validation_data": tdata.val.kind if tdata.val else None},
+        auto_freeze=bool(auto_freeze), runtime={**runtime_settings(), "replicas": dist["replicas"]},
+        extra={"data": tdata.train.kind, "validation_data": tdata.val.kind if tdata.val else None,
+               "strategy": {k: v for k, v in dist.items() if k != "task"}},
     )
     _setup_determinism(cfg)
     px, py, pidx = _probes(tdata, probes, seed)
     n_classes = int(model.output_shape[-1])
     names = list(class_names) if class_names else [str(i) for i in range(max(n_classes, 2))]
-    sid = create_session(
-        st, dataset="custom", model=model.name, probe_images=px, probe_labels=class_indices(py),
-        probe_indices=pidx, class_names=names, config=cfg.to_dict(),
-    )
-    if not compiled:
-        model.compile(optimizer=optimizer, loss=_default_loss(tdata))
-    optimizer.build(model.trainable_variables)
-    writer = RunWriter.create(st, session_id=sid, config=cfg.to_dict(), name=name)
+
+    def make() -> RunWriter:
+        sid = create_session(
+            st, dataset="custom", model=model.name, probe_images=px, probe_labels=class_indices(py),
+            probe_indices=pidx, class_names=names, config=cfg.to_dict(),
+        )
+        return RunWriter.create(st, session_id=sid, config=cfg.to_dict(), name=name)
+
+    with scope(strategy):
+        if not compiled:
+            model.compile(optimizer=optimizer, loss=_default_loss(tdata))
+        optimizer.build(model.trainable_variables)
+    writer = _open_writer(st, strategy, sync, make)
     trainer = Trainer(
         model=model, optimizer=optimizer, data=tdata, probe_images=px, probe_labels=class_indices(py),
-        writer=writer, config=cfg, progress=progress, callbacks=callbacks,
+        writer=writer, config=cfg, progress=progress, callbacks=callbacks, strategy=strategy, sync=sync,
     )
     trainer.run(start_epoch=0, epochs=epochs)
     return st.run(writer.run_id)
@@ -235,10 +293,13 @@ def load_data(config: TrainConfig):
     )
 
 
-def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start: Any = None) -> Run:
+def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start: Any = None,
+          strategy: Any = None) -> Run:
     """Start a new session and its root run from a config (what ``revacnn train`` does).
 
     ``on_start(run_id)`` is called once the run exists, before training (the CLI prints the id).
+    Under a ``strategy`` (`revacnn.trainer.distribute.make_strategy`) the model and optimizer are
+    built in its scope; with several workers every worker calls `train` alike and the chief records.
     """
     config.validate()
     if config.dataset == "custom":
@@ -246,40 +307,59 @@ def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start:
     _setup_determinism(config)
     ds = load_data(config)
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.model, ds.input_shape, ds.num_classes)
-    validate_model(model)
-    config.runtime = runtime_settings()
-    if getattr(model, "compiled", False) and getattr(model, "optimizer", None) is not None:
-        optimizer = model.optimizer  # a user's factory may compile its model
-    else:
-        optimizer = _make_optimizer(config.optimizer, config.lr, config.momentum)
-        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
-    optimizer.build(model.trainable_variables)
+    from .distribute import scope
+
+    dist, sync = _distributed(strategy)
+    if config.auto_freeze and sync is not None:
+        raise ConfigError("Received: --auto-freeze with several workers (expected one host)")
+    with scope(strategy):
+        model = build_model(config.model, ds.input_shape, ds.num_classes)
+        validate_model(model)
+        if getattr(model, "compiled", False) and getattr(model, "optimizer", None) is not None:
+            optimizer = model.optimizer  # a user's factory may compile its model
+        else:
+            optimizer = _make_optimizer(config.optimizer, config.lr, config.momentum)
+            model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
+        optimizer.build(model.trainable_variables)
+    config.runtime = {**runtime_settings(), "replicas": dist["replicas"]}
+    config.extra = {**config.extra, "strategy": {k: v for k, v in dist.items() if k != "task"}}
     pidx = _select_probes(ds.y_val, config.probes, config.seed)
-    sid = create_session(
-        store, dataset=config.dataset, model=config.model, probe_images=ds.x_val[pidx],
-        probe_labels=ds.y_val[pidx], probe_indices=pidx, class_names=ds.class_names,
-        config=config.to_dict(),
-    )
-    writer = RunWriter.create(store, session_id=sid, config=config.to_dict(), name=config.name)
+
+    def make() -> RunWriter:
+        sid = create_session(
+            store, dataset=config.dataset, model=config.model, probe_images=ds.x_val[pidx],
+            probe_labels=ds.y_val[pidx], probe_indices=pidx, class_names=ds.class_names,
+            config=config.to_dict(),
+        )
+        return RunWriter.create(store, session_id=sid, config=config.to_dict(), name=config.name)
+
+    writer = _open_writer(store, strategy, sync, make)
     if on_start is not None:
         on_start(writer.run_id)
     trainer = Trainer(
         model=model, optimizer=optimizer, data=TrainData.arrays(ds.x_train, ds.y_train, ds.x_val, ds.y_val),
         probe_images=ds.x_val[pidx], probe_labels=ds.y_val[pidx], writer=writer, config=config,
-        progress=progress,
+        progress=progress, strategy=strategy, sync=sync,
     )
     trainer.run(start_epoch=0, epochs=config.epochs)
     return store.run(writer.run_id)
 
 
-def _restore(run: Run, epoch: int) -> tuple[keras.Model, keras.optimizers.Optimizer, dict[str, Any]]:
-    """The model of ``run``'s epoch, compiled as it trained (optimizer state, loss, metrics)."""
+def _restore(run: Run, epoch: int, strategy: Any = None) -> tuple[keras.Model, keras.optimizers.Optimizer,
+                                                                  dict[str, Any]]:
+    """The model of ``run``'s epoch, compiled as it trained (optimizer state, loss, metrics).
+
+    Under a ``strategy`` the model and optimizer are made in its scope (replicated variables):
+    a checkpoint holds plain arrays, whatever set-up recorded it.
+    """
+    from .distribute import scope
+
     ckpt = load_checkpoint(run.checkpoint_path(epoch))
-    model = model_from_checkpoint(ckpt, compiled=False)
-    optimizer = optimizer_from_checkpoint(ckpt, model)
-    assign_model(model, ckpt)
-    compile_model(model, optimizer, ckpt.compile_config)
+    with scope(strategy):
+        model = model_from_checkpoint(ckpt, compiled=False)
+        optimizer = optimizer_from_checkpoint(ckpt, model)
+        assign_model(model, ckpt)
+        compile_model(model, optimizer, ckpt.compile_config)
     return model, optimizer, ckpt.state
 
 
@@ -306,12 +386,16 @@ def _skip_to(data: TrainData, epoch: int) -> None:
 
 
 def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None,
-           callbacks: Sequence[keras.callbacks.Callback] | None = None) -> Run:
+           callbacks: Sequence[keras.callbacks.Callback] | None = None, strategy: Any = None) -> Run:
     """Continue an interrupted run from its last committed epoch (what ``revacnn resume`` does).
 
     The model continues as it was compiled (optimizer state and schedule, loss, metrics). A run
     trained with `fit` on custom data needs the same data again: ``data=(train, validation)``.
+    A run recorded under a strategy resumes on one device (default) or under ``strategy`` (one
+    host), and the other way round; see docs/architecture.md for how exact that is.
     """
+    if strategy is not None:
+        _single_worker(strategy, "resume")
     run = store.run(run_id)
     writer = RunWriter(store, run_id).acquire()  # one writer per run: RunBusyError while another lives
     status = run.status
@@ -328,8 +412,8 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     last = own[-1]
     config = TrainConfig.from_dict(run.config)
     _setup_determinism(config)
-    check_runtime(config, "resume")
-    model, optimizer, state = _restore(run, last)
+    check_runtime(config, "resume", strategy)
+    model, optimizer, state = _restore(run, last, strategy)
     tstate = TrainerState.from_dict(state["trainer"])
     writer.discard_after(last)
     from ..steering.channel import requeue_discarded
@@ -342,7 +426,7 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     trainer = Trainer(
         model=model, optimizer=optimizer, data=tdata, probe_images=images, probe_labels=labels, writer=writer,
         config=config, state=tstate, tracker_state=state.get("tracker"), doctor_state=state.get("doctor"),
-        progress=progress, callbacks=callbacks,
+        progress=progress, callbacks=callbacks, strategy=strategy,
     )
     trainer.recorder._prev = _prev_from_model(trainer)
     trainer.run(start_epoch=last, epochs=config.epochs, record_start=False)
@@ -404,6 +488,7 @@ def fork(
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
     batch_size: int | None = None,
     auto_freeze: bool | None = None,
+    strategy: Any = None,
 ) -> Run:
     """Branch a new run from ``run_id``'s recorded ``epoch`` with ``changes`` applied at that point.
 
@@ -420,6 +505,8 @@ def fork(
         callbacks: Keras callbacks for the fork's training.
         batch_size: a new batch size for array data (default: the parent's).
         auto_freeze: freeze converged layers bottom-up from the fork point on (default: as the parent).
+        strategy: train the fork under a ``MirroredStrategy`` (one host), whatever set-up the
+            parent was recorded under (default: one device).
 
     Returns:
         The new `Run`.
@@ -450,11 +537,16 @@ def fork(
         config.auto_freeze = bool(auto_freeze)
     config.extra = {**{k: v for k, v in config.extra.items() if k in ("data", "validation_data")},
                     "fork_changes": [c.to_json() for c in changes]}
+    if strategy is not None:
+        _single_worker(strategy, "fork")
     _setup_determinism(config)
-    check_runtime(config, "fork")
-    config.runtime = runtime_settings()
+    check_runtime(config, "fork", strategy)
+    config.runtime = {**runtime_settings(), "replicas": _replicas(strategy)}
+    from .distribute import describe
+
+    config.extra["strategy"] = {k: v for k, v in describe(strategy).items() if k != "task"}
     source = store.run(rec.run_id)
-    model, optimizer, state = _restore(source, epoch)
+    model, optimizer, state = _restore(source, epoch, strategy)
     tstate = TrainerState.from_dict(state["trainer"])
     data_ = _data_for(parent, config, data)
     _skip_to(data_, epoch)
@@ -469,7 +561,7 @@ def fork(
         trainer = Trainer(
             model=model, optimizer=optimizer, data=data_, probe_images=images, probe_labels=labels,
             writer=writer, config=config, state=tstate, tracker_state=state.get("tracker"),
-            doctor_state=state.get("doctor"), progress=progress, callbacks=callbacks,
+            doctor_state=state.get("doctor"), progress=progress, callbacks=callbacks, strategy=strategy,
         )
         trainer.recorder._prev = _prev_from_model(trainer)
         from .steer import apply, set_learning_rate

@@ -146,12 +146,21 @@ class Trainer:
         doctor_state: dict[str, Any] | None = None,
         progress: bool = True,
         callbacks: Sequence[keras.callbacks.Callback] | None = None,
+        strategy: Any = None,
+        sync: Any = None,
     ) -> None:
+        from .distribute import describe
+
         self.model = model
         self.optimizer = optimizer
-        ensure_compiled(model, optimizer, loss_fn)
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
+        #: a tf.distribute strategy (None: one device); `sync` broadcasts commands across workers
+        self.strategy = strategy
+        self.sync = sync
+        self.chief = describe(strategy)["task"] == 0
+        with self.scope():
+            ensure_compiled(model, optimizer, loss_fn)
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
         self.data = data
         self.config = config
         self.writer = writer
@@ -176,14 +185,19 @@ class Trainer:
             for cb in self.user_callbacks
         )
         self.end_message: str | None = None
-        self.recorder = Recorder(
-            writer,
-            embeddings=config.embeddings,
-            embedding_features=config.embedding_features,
-            tracker_state=tracker_state,
-            doctor_state=doctor_state,
-            seed=config.seed,
-        )
+        if self.chief:
+            self.recorder = Recorder(
+                writer,
+                embeddings=config.embeddings,
+                embedding_features=config.embedding_features,
+                tracker_state=tracker_state,
+                doctor_state=doctor_state,
+                seed=config.seed,
+            )
+        else:  # a worker other than the chief records nothing
+            from .distribute import NullRecorder
+
+            self.recorder = NullRecorder()
         self.paused = False
         self.stop_requested = False
         self.batch = 0
@@ -199,6 +213,12 @@ class Trainer:
         self.rebuild()
 
     # ------------------------------------------------------------------ structure
+    def scope(self) -> Any:
+        """The strategy's scope (variables made inside are replicated); a no-op on one device."""
+        from .distribute import scope
+
+        return scope(self.strategy)
+
     def rebuild(self, *, carry: bool = False) -> None:
         """(Re)trace the compiled steps for the current model, frozen sets and variables.
 
@@ -221,12 +241,20 @@ class Trainer:
             specs.append(LayerSpec(r, r.name in self.state.frozen_layers, mask))
         self.specs = specs
         self.step_state = StepState(specs)
-        x_all = y_all = None
-        if isinstance(self.data.train, ArraySource):
-            x_all, y_all = self.data.train.device()
-        self._step, self._step_idx = build_train_step(
-            self.model, self.optimizer, specs, self.step_state, x_all=x_all, y_all=y_all
-        )
+        if self.strategy is not None:
+            from .distribute import build_distributed_step
+
+            self._step = build_distributed_step(self.strategy, self.model, self.optimizer, specs, self.step_state)
+            src = self.data.train
+            if isinstance(src, ArraySource):
+                self._step_idx = lambda idx: self._step(src.x[idx], src.y[idx])
+        else:
+            x_all = y_all = None
+            if isinstance(self.data.train, ArraySource):
+                x_all, y_all = self.data.train.device()
+            self._step, self._step_idx = build_train_step(
+                self.model, self.optimizer, specs, self.step_state, x_all=x_all, y_all=y_all
+            )
         self._eval = build_eval_step(self.model)
         self._probe = build_probe_step(self.model, self.recs)
         self._acc_uids = {name: list(self.state.uids[name]) for name in self.step_state.grad_l1}
@@ -269,7 +297,8 @@ class Trainer:
             cfg = keras.saving.deserialize_keras_object({k: v for k, v in cc.items() if k != "optimizer"})
             if cfg.get("loss") is None:
                 cfg["loss"] = keras.losses.SparseCategoricalCrossentropy()
-            self.model.compile(optimizer=self.optimizer, **cfg)
+            with self.scope():
+                self.model.compile(optimizer=self.optimizer, **cfg)
         self.model.stop_training = False
         if getattr(self, "callbacks", None) is not None:
             self.callbacks.set_model(self.model)
@@ -289,7 +318,7 @@ class Trainer:
     # ------------------------------------------------------------------ recording
     def evaluate(self) -> tuple[float, float]:
         """Validation loss and accuracy (NaN without validation data)."""
-        if self.data.val is None:
+        if self.data.val is None or not self.chief:
             return float("nan"), float("nan")
         loss = 0.0
         hits = 0
@@ -362,6 +391,8 @@ class Trainer:
             "n_batches": n_batches,
             "step": int(np.asarray(self.optimizer.iterations)),
         }
+        if not self.chief:  # the chief records; the other workers only keep in step
+            return metrics
         if self.auto_freezer is not None and n_batches:
             # before the snapshot: the epoch's record and checkpoint already hold the freeze
             self.auto_freezer.check(self, epoch, n_batches)
@@ -420,6 +451,11 @@ class Trainer:
             raise
         except Exception as exc:
             status, message = "failed", f"{type(exc).__name__}: {exc}"
+            from .distribute import lost_peer
+
+            if self.sync is not None and lost_peer(exc):
+                status = "interrupted"
+                message = f"a worker of the cluster was lost ({type(exc).__name__}); resume the run"
             raise
         finally:
             self.recorder.close()
@@ -535,6 +571,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ live
     def _publish_live(self, epoch: int, batch: int, n_batches: int, *, throttle: bool = False) -> None:
+        if not self.chief:
+            return
         if throttle and time.time() - self._last_live < max(self.config.live_every_s, 0.5):
             return
         self._last_live = time.time()

@@ -1,0 +1,206 @@
+"""tf.distribute: MirroredStrategy on two logical CPUs against one device and a GradientTape reference;
+steering at the same step on every replica; moving runs between set-ups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import revacnn
+from revacnn.steering import send
+from revacnn.steering.commands import Command
+
+SEED = 3
+N_TRAIN, BATCH, EPOCHS = 96, 24, 3  # 4 batches an epoch
+COMMANDS = [  # (op, args, (epoch, batch))
+    ("freeze", {"layer": "conv1"}, (1, 2)),
+    ("add-filters", {"layer": "conv2", "n": 2, "init": "random"}, (2, 1)),
+]
+
+
+@pytest.fixture(scope="module")
+def tf_mod():
+    import tensorflow as tf
+
+    return tf
+
+
+@pytest.fixture(scope="module")
+def strategy(tf_mod):
+    cpus = tf_mod.config.list_logical_devices("CPU")
+    if len(cpus) < 2:
+        pytest.skip("two logical CPU devices are configured in tests/conftest.py before TF initialises")
+    return tf_mod.distribute.MirroredStrategy([d.name for d in cpus[:2]])
+
+
+def _data(tiny_data):
+    (x, y), (xv, yv) = tiny_data
+    return (x[:N_TRAIN], y[:N_TRAIN]), (xv[:32], yv[:32])
+
+
+def _model(keras, strategy=None):
+    from contextlib import nullcontext
+
+    from tests.conftest import tiny_cnn
+
+    keras.utils.set_random_seed(SEED)
+    with strategy.scope() if strategy is not None else nullcontext():
+        model = tiny_cnn(keras)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    return model
+
+
+class _Steer:
+    """Queues `COMMANDS` at the start (each applies at its batch boundary); keeps the final model's replicas."""
+
+    def __init__(self, keras, store, commands):
+        class CB(keras.callbacks.Callback):
+            def on_train_begin(cb, logs=None):  # noqa: N805
+                rid = store.run_ids()[0]
+                for op, args, at in commands:
+                    send(store, rid, Command(op=op, args=dict(args), apply_at=at))
+
+            def on_train_end(cb, logs=None):  # noqa: N805
+                self.replicas = {}
+                for v in cb.model.trainable_variables:
+                    vals = getattr(v.value, "values", None)
+                    self.replicas["/".join(v.path.split("/")[-2:])] = [np.asarray(t) for t in vals] if vals else [np.asarray(v)]
+
+        self.cb = CB()
+
+
+def _fit(keras, tiny_data, tmp_path, name, strategy=None, commands=()):
+    store = revacnn.open_store(tmp_path / name)
+    steer = _Steer(keras, store, commands)
+    run = revacnn.fit(
+        _model(keras, strategy), _data(tiny_data)[0], validation_data=_data(tiny_data)[1], epochs=EPOCHS,
+        batch_size=BATCH, store=store, probes=4, seed=SEED, progress=False, embeddings=False,
+        callbacks=[steer.cb], strategy=strategy,
+    )
+    return store, run, steer
+
+
+@pytest.fixture(scope="module")
+def runs(keras_mod, tiny_data, tmp_path_factory, strategy):
+    tmp = tmp_path_factory.mktemp("dist")
+    single = _fit(keras_mod, tiny_data, tmp, "single", None, COMMANDS)
+    mirrored = _fit(keras_mod, tiny_data, tmp, "mirrored", strategy, COMMANDS)
+    plain = _fit(keras_mod, tiny_data, tmp, "plain", strategy)
+    return {"single": single, "mirrored": mirrored, "plain": plain, "tmp": tmp}
+
+
+def _close(a, b, what):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=what)
+
+
+def test_grad_l1_equals_a_gradient_tape_reference_on_the_global_batch(runs, keras_mod, tiny_data, tf_mod):
+    """No steering: the mirrored run's grad_l1 is the L1 of the global-batch loss gradient, computed here by hand."""
+    _, run, _ = runs["plain"]
+    keras = keras_mod
+    model = _model(keras)
+    opt = keras.optimizers.Adam(1e-2)
+    opt.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    (x, y), _ = _data(tiny_data)
+    names = ("conv1", "conv2", "dense1")
+    for epoch in range(1, EPOCHS + 1):
+        order = np.random.default_rng([SEED, epoch]).permutation(len(x))
+        sums = {n: 0.0 for n in names}
+        for b in range(0, len(x), BATCH):
+            idx = order[b : b + BATCH]
+            with tf_mod.GradientTape() as tape:
+                loss = loss_fn(y[idx], model(x[idx], training=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply(grads, model.trainable_variables)
+            by = {"/".join(v.path.split("/")[-2:]): g for v, g in zip(model.trainable_variables, grads, strict=True)}
+            for n in names:
+                k = by[f"{n}/kernel"].numpy()
+                per = np.abs(k).reshape(-1, k.shape[-1]).sum(0) + np.abs(by[f"{n}/bias"].numpy())
+                sums[n] = sums[n] + per
+        rec = run.epoch(epoch)
+        for n in names:
+            _close(rec.layer(n).grad_l1, sums[n], f"{n} epoch {epoch}")
+    _close(run.epoch(EPOCHS).layer("conv2").kernel, _stored(model.get_layer("conv2").kernel), "final kernel")
+
+
+def _stored(kernel):
+    """A conv kernel as the store holds it: filters first."""
+    return np.moveaxis(np.asarray(kernel), -1, 0)
+
+
+def test_mirrored_run_records_what_one_device_records(runs):
+    """Same global batches, same commands: grad_l1, weights and metrics agree to float tolerance."""
+    _, a, _ = runs["single"]
+    _, b, _ = runs["mirrored"]
+    assert a.epochs() == b.epochs() == list(range(EPOCHS + 1))
+    assert b.config["runtime"]["replicas"] == 2 and b.config["extra"]["strategy"]["kind"] == "mirrored"
+    for e in range(EPOCHS + 1):
+        ra, rb = a.epoch(e), b.epoch(e)
+        for n in ("conv1", "conv2", "dense1"):
+            _close(rb.layer(n).grad_l1, ra.layer(n).grad_l1, f"grad_l1 {n} epoch {e}")
+        for n in ("conv1", "conv2"):
+            _close(rb.layer(n).kernel, ra.layer(n).kernel, f"kernel {n} epoch {e}")
+        for m in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            if ra.metrics[m] is not None and not np.isnan(ra.metrics[m]):
+                assert rb.metrics[m] == pytest.approx(ra.metrics[m], rel=1e-4, abs=1e-5), m
+        assert rb.metrics["step"] == ra.metrics["step"]
+
+
+def test_freeze_applies_on_every_replica_at_the_same_step(runs):
+    _, a, _ = runs["single"]
+    _, b, steer = runs["mirrored"]
+    for run in (a, b):
+        ev = run.events()
+        row = ev[ev.kind == "freeze"].iloc[0]
+        assert (row.status, int(row.epoch), int(row.batch)) == ("applied", 1, 2)
+    # frozen from epoch 1 batch 2 on: bit-identical ever after, on both replicas
+    k1 = b.epoch(1).layer("conv1").kernel
+    for e in (2, 3):
+        np.testing.assert_array_equal(b.epoch(e).layer("conv1").kernel, k1)
+    for path, vals in steer.replicas.items():
+        assert len(vals) == 2, path
+        np.testing.assert_array_equal(vals[0], vals[1], err_msg=path)  # replicas never diverge
+    np.testing.assert_array_equal(_stored(steer.replicas["conv1/kernel"][1]), k1)  # the second replica's too
+    # and the step it froze at is the single-device run's: epoch 1 agrees before and after
+    _close(b.epoch(1).layer("conv1").grad_l1, a.epoch(1).layer("conv1").grad_l1, "conv1 grad_l1 of 2 batches")
+
+
+def test_surgery_under_the_strategy_rebuilds_the_step_and_training_continues(runs):
+    _, a, _ = runs["single"]
+    _, b, steer = runs["mirrored"]
+    ev = b.events()
+    row = ev[ev.kind == "add-filters"].iloc[0]
+    assert (row.status, int(row.epoch), int(row.batch)) == ("applied", 2, 1), row.message
+    assert b.epoch(1).layer("conv2").n_filters == 6
+    for e in (2, 3):
+        assert b.epoch(e).layer("conv2").n_filters == 8
+        _close(b.epoch(e).layer("conv2").kernel, a.epoch(e).layer("conv2").kernel, f"conv2 epoch {e}")
+        for n in ("conv2", "dense1"):
+            _close(b.epoch(e).layer(n).grad_l1, a.epoch(e).layer(n).grad_l1, f"{n} grad_l1 epoch {e}")
+    assert steer.replicas["conv2/kernel"][0].shape[-1] == 8  # the new variables are replicated
+    assert np.isfinite(b.epoch(3).metrics["loss"])
+
+
+def test_runs_move_between_set_ups(runs, strategy, tiny_data):
+    """A mirrored run forked on one device, and a one-device run forked under the strategy, go on alike."""
+    store_b, b, _ = runs["mirrored"]
+    store_a, a, _ = runs["single"]
+    data = _data(tiny_data)
+    one = revacnn.trainer.fork(store_b, b.run_id, 2, progress=False, data=data)
+    two = revacnn.trainer.fork(store_a, a.run_id, 2, progress=False, data=data, strategy=strategy)
+    assert one.config["extra"]["strategy"]["kind"] == "none"
+    assert two.config["extra"]["strategy"]["replicas"] == 2
+    for child, parent in ((one, b), (two, a)):
+        for n in ("conv1", "conv2", "dense1"):
+            if n != "dense1":
+                _close(child.epoch(3).layer(n).kernel, parent.epoch(3).layer(n).kernel, n)
+            _close(child.epoch(3).layer(n).grad_l1, parent.epoch(3).layer(n).grad_l1, n)
+        np.testing.assert_array_equal(child.epoch(3).layer("conv1").kernel, parent.epoch(3).layer("conv1").kernel)
+
+
+def test_a_model_built_outside_the_scope_is_refused(keras_mod, tiny_data, tmp_path, strategy):
+    from revacnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"strategy\.scope"):
+        revacnn.fit(_model(keras_mod), _data(tiny_data)[0], epochs=1, store=tmp_path / "s", probes=2,
+                    progress=False, embeddings=False, strategy=strategy)
