@@ -348,7 +348,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data_dir is not None and not Path(args.data_dir).exists():
         raise ConfigError(f"Received: --data-dir {args.data_dir} (no such folder or file)")
     store = _open(args, mode="a")
-    from .trainer.distribute import make_strategy
+    from .trainer.distribute import is_chief, make_strategy
 
     strategy = make_strategy(args.strategy)  # before any other TensorFlow work
     from .trainer import train
@@ -357,6 +357,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(run_id, flush=True)
 
     run = train(cfg, store, progress=not args.quiet, on_start=started, strategy=strategy)
+    if strategy is not None and not is_chief(strategy):
+        return 0  # the chief reports the run
     print(f"{run.run_id} {run.status}: query it with  revacnn sql --store {args.store} "
           f"\"SELECT epoch, val_accuracy FROM epochs WHERE run_id = '{run.run_id}'\"", file=sys.stderr)
     return 0 if run.status in ("finished", "stopped") else 1

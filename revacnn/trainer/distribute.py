@@ -293,6 +293,8 @@ class WorkerWriter(RunWriter):
     def __init__(self, store: Store, run_id: str, task: int) -> None:
         super().__init__(store, run_id, durable=False)
         self.task = int(task)
+        #: what the heartbeat reports about this worker's replicas (set by the trainer)
+        self.state_fn: Callable[[], dict[str, Any]] | None = None
 
     def _noop(self, *args: Any, **kwargs: Any) -> None:
         return None
@@ -304,7 +306,7 @@ class WorkerWriter(RunWriter):
         return None
 
     def heartbeat(self, *, every_s: float = 2.0, **extra: Any) -> None:
-        from ..storage._durable import atomic_write_json
+        from ..storage._layout import atomic_write_json
         from ..storage.lease import owner_info
 
         now = time.time()
@@ -314,10 +316,26 @@ class WorkerWriter(RunWriter):
         path = self.layout.run_dir(self.run_id) / "workers" / f"worker-{self.task}.json"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, {**owner_info(), **extra, "task": self.task, "heartbeat_at": now},
+            state = self.state_fn() if self.state_fn is not None else {}
+            atomic_write_json(path, {**owner_info(), **state, **extra, "task": self.task, "heartbeat_at": now},
                               durable=False)
         except OSError as exc:
             log.warning("worker heartbeat of %s not written: %s", self.run_id, exc)
+
+
+def worker_state(trainer: Any) -> dict[str, Any]:
+    """What a worker's heartbeat says about its replicas: step, lr, frozen layers, applied commands,
+    and the L1 of each recorded layer's kernel (equal to the chief's record when in step)."""
+    return {
+        "epoch": int(getattr(trainer, "epoch_in_progress", 0) or 0),
+        "batch": int(trainer.batch),
+        "step": int(np.asarray(trainer.optimizer.iterations)),
+        "lr": trainer.lr,
+        "frozen_layers": list(trainer.state.frozen_layers),
+        "n_filters": {r.name: int(r.n_filters) for r in trainer.recs},
+        "kernel_l1": {r.name: float(np.abs(r.kernel()).astype(np.float64).sum()) for r in trainer.recs},
+        "applied": list(getattr(trainer, "applied", [])),
+    }
 
 
 def broadcast_run_id(sync: CommandSync, run_id: str | None) -> str:

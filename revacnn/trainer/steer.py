@@ -85,6 +85,8 @@ def _apply_broadcast(trainer: Trainer, epoch: int, batch: int) -> None:
         except Exception as exc:  # a bug in an op must not kill training
             log.exception("steering op %s failed", cmd.op)
             status, message = "rejected", f"internal error: {type(exc).__name__}: {exc}"
+        if not trainer.chief:
+            trainer.applied.append([cmd.command_id, cmd.op, epoch, batch, status])
         if trainer.chief:
             trainer.writer.write_event(
                 event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op, args=cmd.args, status=status,

@@ -194,10 +194,13 @@ class Trainer:
                 doctor_state=doctor_state,
                 seed=config.seed,
             )
-        else:  # a worker other than the chief records nothing
-            from .distribute import NullRecorder
+        else:  # a worker other than the chief records nothing; its heartbeat reports its replicas
+            from .distribute import NullRecorder, worker_state
 
             self.recorder = NullRecorder()
+            self.applied: list[list[Any]] = []  # [command id, op, epoch, batch] of every command applied
+            if hasattr(writer, "state_fn"):
+                writer.state_fn = lambda: worker_state(self)
         self.paused = False
         self.stop_requested = False
         self.batch = 0
@@ -458,6 +461,8 @@ class Trainer:
                 message = f"a worker of the cluster was lost ({type(exc).__name__}); resume the run"
             raise
         finally:
+            if not self.chief:
+                self.writer.heartbeat(every_s=0.0, done=True, status=status)
             self.recorder.close()
             if self.recorder.errors and message is None:
                 message = "; ".join(self.recorder.errors[-3:])

@@ -3,6 +3,15 @@ steering at the same step on every replica; moving runs between set-ups."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -204,3 +213,128 @@ def test_a_model_built_outside_the_scope_is_refused(keras_mod, tiny_data, tmp_pa
     with pytest.raises(ConfigError, match=r"strategy\.scope"):
         revacnn.fit(_model(keras_mod), _data(tiny_data)[0], epochs=1, store=tmp_path / "s", probes=2,
                     progress=False, embeddings=False, strategy=strategy)
+
+
+# ---------------------------------------------------------------- two worker processes (MultiWorkerMirroredStrategy)
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_DEADLINE_S = 900  # two TensorFlow imports on a loaded 2-core machine take minutes
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _wait(cond, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _start_workers(store_dir: Path, tmp: Path, epochs: int) -> list[tuple[subprocess.Popen, Path, Path]]:
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
+                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                   REVACNN_COLLECTIVE_TIMEOUT_S="120")
+        out, err = tmp / f"out{i}.txt", tmp / f"err{i}.txt"
+        cmd = [sys.executable, "-m", "revacnn.cli", "train", "--store", str(store_dir), "--strategy", "multiworker",
+               "--model", "tests.trainer.user_setups:cli_factory", "--train-size", "128", "--val-size", "32",
+               "--batch-size", "32", "--epochs", str(epochs), "--probes", "4", "--no-embeddings", "--quiet"]
+        with open(out, "w") as fo, open(err, "w") as fe:
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fo, stderr=fe), out, err))
+    return procs
+
+
+def _run_id(procs) -> str:
+    def first_line():
+        for p, _out, err in procs:
+            if p.poll() is not None and p.returncode != 0:
+                raise AssertionError(f"a worker failed: {err.read_text()[-3000:]}")
+        lines = procs[0][1].read_text().split()
+        return lines[0] if lines else None
+
+    return _wait(first_line, WORKER_DEADLINE_S, "the chief's run id")
+
+
+def _stop(procs) -> None:
+    for p, _, _ in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_two_workers_record_one_run_and_apply_steering_at_the_same_step(tmp_path):
+    store_dir = tmp_path / "store"
+    procs = _start_workers(store_dir, tmp_path, epochs=4)
+    try:
+        rid = _run_id(procs)
+        store = revacnn.open_store(store_dir)
+        lr = send(store, rid, Command(op="set-lr", args={"lr": 0.005}, apply_at=(2, 1)))
+        fz = send(store, rid, Command(op="freeze", args={"layer": "c1"}, apply_at=(2, 1)))
+        for p, _, err in procs:
+            rc = p.wait(timeout=WORKER_DEADLINE_S)
+            assert rc == 0, err.read_text()[-3000:]
+    finally:
+        _stop(procs)
+    run = store.run(rid)
+    assert run.status == "finished" and run.epochs() == [0, 1, 2, 3, 4]
+    assert store.run_ids() == [rid] and len(store.session_ids()) == 1  # one run, recorded by the chief
+    ev = run.events().set_index("event_id")
+    beat = json.loads((store.layout.run_dir(rid) / "workers" / "worker-1.json").read_text())
+    assert beat["done"] and beat["task"] == 1
+    applied = {row[0]: row for row in beat["applied"]}
+    for cmd in (lr, fz):
+        e = ev.loc[cmd.command_id]
+        assert e.status == "applied", e.message
+        # the worker applied it at the batch the chief did
+        assert applied[cmd.command_id][1:] == [cmd.op, int(e.epoch), int(e.batch), "applied"]
+    assert beat["lr"] == pytest.approx(0.005) and beat["frozen_layers"] == ["c1"]
+    last = run.epoch(4)
+    assert beat["step"] == last.metrics["step"] and last.metrics["lr"] == pytest.approx(0.005)
+    for name, l1 in beat["kernel_l1"].items():  # the worker's replicas are the chief's record
+        if not last.layer(name).has("kernel"):  # dense kernels are in the checkpoint only
+            continue
+        assert l1 == pytest.approx(float(np.abs(last.layer(name).kernel).astype(np.float64).sum()), rel=1e-6)
+    np.testing.assert_array_equal(run.epoch(4).layer("c1").kernel, run.epoch(3).layer("c1").kernel)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_the_run_interrupted_and_resume_continues_it(tmp_path):
+    store_dir = tmp_path / "store"
+    procs = _start_workers(store_dir, tmp_path, epochs=5)
+    try:
+        rid = _run_id(procs)
+        store = revacnn.open_store(store_dir)
+        _wait(lambda: len(store.run(rid).epochs()) >= 2, WORKER_DEADLINE_S, "two committed epochs")
+        procs[1][0].send_signal(signal.SIGKILL)
+        chief = procs[0][0]
+        chief.wait(timeout=WORKER_DEADLINE_S)  # its collectives fail: it marks the run and ends
+        assert chief.returncode != 0
+    finally:
+        _stop(procs)
+    run = store.run(rid)
+    assert run.status == "interrupted", run.status_info
+    assert "worker" in (run.status_info.get("message") or "")
+    done = run.epochs()
+    assert done[0] == 0 and done == list(range(len(done))) and done[-1] < 5
+    from revacnn.cli import main
+
+    assert main(["resume", rid, "--store", str(store_dir), "--quiet"]) == 0  # on one device
+    run = store.run(rid)
+    assert run.status == "finished" and run.epochs() == [0, 1, 2, 3, 4, 5]
+    assert run.events().empty or "resume" not in set(run.events().kind)
