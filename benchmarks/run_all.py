@@ -16,6 +16,7 @@ ORDER = [
     ("embedding", "bench_embedding.py", []),
     ("replay", "bench_replay.py", []),
     ("live", "bench_live.py", []),
+    ("distributed", "bench_distributed.py", []),
 ]
 
 
