@@ -238,6 +238,46 @@ def build_distributed_step(
     return run_step
 
 
+def replica_update(ctx: Any, model: keras.Model, state: StepState, acc: Sequence[tuple[Any, int, int | None, Any]],
+                   restore: Sequence[tuple[Any, int, Any, Any]], grads: list[Any], train_vars: list[Any],
+                   loss: tf.Tensor, n: tf.Tensor, y: Any, pred: Any) -> None:
+    """The update of a train step running in a replica context (a user's ``model.fit`` under a strategy).
+
+    ``grads`` are this replica's gradients of its Keras-scaled loss (``loss``, the slice's mean
+    / num_replicas); they, the loss and the hit counts are all-reduced in one collective, the
+    optimizer applies the reduced gradients (without reducing them again), frozen filters are
+    restored on every replica (``restore``: variable, gradient index, saved value, mask), and the
+    first replica adds the reduced per-filter L1 (``acc``: layer, kernel and bias gradient index,
+    accumulator) and metric sums to ``state``'s plain variables.
+    """
+    R = ctx.num_replicas_in_sync
+    n_f = tf.cast(n, tf.float32)
+    mean_loss = tf.cast(loss, tf.float32) * tf.cast(R, tf.float32)
+    extras = tf.stack([mean_loss * n_f, tf.cast(hits(y, pred), tf.float32), n_f])
+    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [*grads, extras])
+    grads, extras = list(reduced[:-1]), reduced[-1]
+    with _optimizer_takes_reduced(model.optimizer):
+        model.optimizer.apply(grads, train_vars)
+    for var, _gi, saved, m in restore:
+        new = tf.where(m, saved, var)
+
+        def put(strategy: tf.distribute.Strategy, value: Any, var: Any = var) -> None:
+            inner = var.value if isinstance(var, keras.Variable) else var  # the tf.distribute variable
+            strategy.extended.update(inner, lambda v, t: v.assign(t), args=(value,), group=False)
+
+        ctx.merge_call(put, args=(new,))
+
+    def add() -> tf.Tensor:
+        for rec, ki, bi, accumulator in acc:
+            accumulator.assign_add(per_filter_l1(rec, grads[ki], grads[bi] if bi is not None else None))
+        state.loss_sum.assign_add(tf.cast(extras[0], tf.float64))
+        state.correct.assign_add(tf.cast(tf.round(extras[1]), tf.int64))
+        state.seen.assign_add(tf.cast(tf.round(extras[2]), tf.int64))
+        return tf.constant(True)
+
+    tf.cond(tf.equal(ctx.replica_id_in_sync_group, 0), add, lambda: tf.constant(False))
+
+
 class CommandSync:
     """Broadcasts the chief's steering commands to every worker at a batch boundary.
 

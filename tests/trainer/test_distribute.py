@@ -215,6 +215,41 @@ def test_a_model_built_outside_the_scope_is_refused(keras_mod, tiny_data, tmp_pa
                     progress=False, embeddings=False, strategy=strategy)
 
 
+
+def _callback_fit(keras, tiny_data, tmp, name, strategy=None):
+    import tensorflow as tf
+
+    from revacnn.keras import RevacnnCallback
+
+    (x, y), (xv, yv) = _data(tiny_data)
+    store = revacnn.open_store(tmp / name)
+    model = _model(keras, strategy)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)  # the same global batches, in order
+    rc = RevacnnCallback(store=store, probes=(xv[:4], yv[:4]), embeddings=False, live_every_s=0)
+    steer = _Steer(keras, store, [("freeze-filters", {"layer": "conv2", "indices": [0, 3]}, (1, 1))])
+    model.fit(ds, validation_data=(xv, yv), epochs=2, verbose=0, callbacks=[rc, steer.cb])
+    return store.run(rc.run_id), steer
+
+
+def test_revacnn_callback_under_the_users_own_strategy(keras_mod, tiny_data, tmp_path, strategy):
+    """The user's model.fit under MirroredStrategy records what the one-device fit records."""
+    a, _ = _callback_fit(keras_mod, tiny_data, tmp_path, "one")
+    b, steer = _callback_fit(keras_mod, tiny_data, tmp_path, "two", strategy)
+    for e in (1, 2):
+        for n in ("conv1", "conv2", "dense1"):
+            _close(b.epoch(e).layer(n).grad_l1, a.epoch(e).layer(n).grad_l1, f"grad_l1 {n} epoch {e}")
+        for n in ("conv1", "conv2"):
+            _close(b.epoch(e).layer(n).kernel, a.epoch(e).layer(n).kernel, f"kernel {n} epoch {e}")
+    ev = b.events()
+    assert ev[ev.kind == "freeze-filters"].iloc[0].status == "applied"
+    k1, k2 = b.epoch(1).layer("conv2").kernel, b.epoch(2).layer("conv2").kernel
+    np.testing.assert_array_equal(k2[[0, 3]], k1[[0, 3]])  # frozen filters bit-identical ...
+    assert not np.array_equal(k2[[1, 2]], k1[[1, 2]])  # ... the others train
+    for path, vals in steer.replicas.items():
+        assert len(vals) == 2
+        np.testing.assert_array_equal(vals[0], vals[1], err_msg=path)
+
+
 # ---------------------------------------------------------------- two worker processes (MultiWorkerMirroredStrategy)
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_DEADLINE_S = 900  # two TensorFlow imports on a loaded 2-core machine take minutes
