@@ -52,16 +52,27 @@ def collective_timeout_s() -> float:
         return 300.0
 
 
+_MADE: dict[str, tf.distribute.Strategy] = {}
+
+
 def make_strategy(name: str | None) -> tf.distribute.Strategy | None:
     """The strategy ``--strategy NAME`` names: None for ``none``; create it before any other TF work.
 
-    ``multiworker`` reads the cluster from ``$TF_CONFIG``.
+    ``multiworker`` reads the cluster from ``$TF_CONFIG``. One object per name and process: two
+    strategies over the same devices would reuse each other's collective keys.
 
     Example:
         >>> strategy = make_strategy("mirrored")  # every local GPU (or the logical CPUs)
     """
     if name in (None, "none"):
         return None
+    if name in _MADE:
+        return _MADE[name]
+    _MADE[name] = made = _make(name)
+    return made
+
+
+def _make(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
@@ -346,7 +357,7 @@ class WorkerWriter(RunWriter):
         return None
 
     def heartbeat(self, *, every_s: float = 2.0, **extra: Any) -> None:
-        from ..storage._layout import atomic_write_json
+        from ..storage import atomic_write_json
         from ..storage.lease import owner_info
 
         now = time.time()

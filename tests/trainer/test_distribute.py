@@ -36,10 +36,12 @@ def tf_mod():
 
 @pytest.fixture(scope="module")
 def strategy(tf_mod):
-    cpus = tf_mod.config.list_logical_devices("CPU")
-    if len(cpus) < 2:
+    from revacnn.trainer.distribute import make_strategy
+
+    strategy = make_strategy("mirrored")  # the one the CLI makes too (one per process: collective keys)
+    if strategy.num_replicas_in_sync != 2:
         pytest.skip("two logical CPU devices are configured in tests/conftest.py before TF initialises")
-    return tf_mod.distribute.MirroredStrategy([d.name for d in cpus[:2]])
+    return strategy
 
 
 def _data(tiny_data):
@@ -373,3 +375,42 @@ def test_a_killed_worker_leaves_the_run_interrupted_and_resume_continues_it(tmp_
     run = store.run(rid)
     assert run.status == "finished" and run.epochs() == [0, 1, 2, 3, 4, 5]
     assert run.events().empty or "resume" not in set(run.events().kind)
+
+
+def test_a_dataset_under_the_strategy_is_split_by_global_batch(keras_mod, tiny_data, tmp_path, strategy):
+    import tensorflow as tf
+
+    (x, y), (xv, yv) = _data(tiny_data)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH - 1)  # uneven slices: 12 + 11
+    runs = []
+    for name, strat in (("one", None), ("two", strategy)):
+        runs.append(revacnn.fit(_model(keras_mod, strat), ds, validation_data=(xv, yv), epochs=1,
+                                store=tmp_path / name, probes=2, progress=False, embeddings=False, strategy=strat))
+    for n in ("conv1", "conv2", "dense1"):
+        _close(runs[1].epoch(1).layer(n).grad_l1, runs[0].epoch(1).layer(n).grad_l1, n)
+    assert runs[1].epoch(1).metrics["loss"] == pytest.approx(runs[0].epoch(1).metrics["loss"], rel=1e-5)
+
+
+def test_cli_train_takes_a_strategy(tmp_path, capsys):
+    from revacnn.cli import main
+
+    store = tmp_path / "store"
+    rc = main(["train", "--store", str(store), "--strategy", "mirrored", "--train-size", "64", "--val-size", "16",
+               "--epochs", "1", "--batch-size", "32", "--probes", "2", "--no-embeddings", "--quiet",
+               "--model", "tests.trainer.user_setups:cli_factory"])
+    assert rc == 0
+    rid = capsys.readouterr().out.split()[0]
+    run = revacnn.open_store(store).run(rid)
+    assert run.status == "finished" and run.config["extra"]["strategy"]["kind"] == "mirrored"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--store", str(store), "--strategy", "multi"])
+    assert exc.value.code == 2
+
+
+def test_cli_multiworker_without_tf_config_is_one_line(tmp_path, capsys, monkeypatch):
+    from revacnn.cli import main
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert main(["train", "--store", str(tmp_path / "s"), "--strategy", "multiworker"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TF_CONFIG" in err[0]
