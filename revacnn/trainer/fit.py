@@ -68,7 +68,7 @@ def check_runtime(config: TrainConfig, what: str, strategy: Any = None) -> str |
     if not then:
         return None
     now["replicas"] = _replicas(strategy)
-    then.setdefault("replicas", 1)
+    then["replicas"] = int((config.extra or {}).get("strategy", {}).get("replicas", 1))
     diff = {k: (then.get(k), now[k]) for k in now if then.get(k) != now[k]}
     if not diff:
         return None
@@ -254,7 +254,7 @@ def fit(
         lr=float(np.asarray(optimizer.learning_rate)), optimizer=type(optimizer).__name__.lower(),
         train_size=n_train, val_size=n_val, probes=probes if isinstance(probes, int) else len(probes[1]),
         seed=seed, name=name, embeddings=embeddings, deterministic=deterministic,
-        auto_freeze=bool(auto_freeze), runtime={**runtime_settings(), "replicas": dist["replicas"]},
+        auto_freeze=bool(auto_freeze), runtime=runtime_settings(),
         extra={"data": tdata.train.kind, "validation_data": tdata.val.kind if tdata.val else None,
                "strategy": {k: v for k, v in dist.items() if k != "task"}},
     )
@@ -321,7 +321,7 @@ def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start:
             optimizer = _make_optimizer(config.optimizer, config.lr, config.momentum)
             model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
         optimizer.build(model.trainable_variables)
-    config.runtime = {**runtime_settings(), "replicas": dist["replicas"]}
+    config.runtime = runtime_settings()
     config.extra = {**config.extra, "strategy": {k: v for k, v in dist.items() if k != "task"}}
     pidx = _select_probes(ds.y_val, config.probes, config.seed)
 
@@ -535,13 +535,13 @@ def fork(
     config.name = name
     if auto_freeze is not None:
         config.auto_freeze = bool(auto_freeze)
-    config.extra = {**{k: v for k, v in config.extra.items() if k in ("data", "validation_data")},
+    config.extra = {**{k: v for k, v in config.extra.items() if k in ("data", "validation_data", "strategy")},
                     "fork_changes": [c.to_json() for c in changes]}
     if strategy is not None:
         _single_worker(strategy, "fork")
     _setup_determinism(config)
     check_runtime(config, "fork", strategy)
-    config.runtime = {**runtime_settings(), "replicas": _replicas(strategy)}
+    config.runtime = runtime_settings()
     from .distribute import describe
 
     config.extra["strategy"] = {k: v for k, v in describe(strategy).items() if k != "task"}

@@ -144,7 +144,7 @@ def test_mirrored_run_records_what_one_device_records(runs):
     _, a, _ = runs["single"]
     _, b, _ = runs["mirrored"]
     assert a.epochs() == b.epochs() == list(range(EPOCHS + 1))
-    assert b.config["runtime"]["replicas"] == 2 and b.config["extra"]["strategy"]["kind"] == "mirrored"
+    assert b.config["extra"]["strategy"]["replicas"] == 2 and b.config["extra"]["strategy"]["kind"] == "mirrored"
     for e in range(EPOCHS + 1):
         ra, rb = a.epoch(e), b.epoch(e)
         for n in ("conv1", "conv2", "dense1"):
