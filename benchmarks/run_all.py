@@ -20,6 +20,7 @@ ORDER = [
     ("store_sql", "bench_store_sql.py", ["--old"]),
     ("store_commit", "bench_store_commit.py", []),
     ("store", "bench_store.py", []),
+    ("distributed", "bench_distributed.py", []),
 ]
 
 

@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=_count, default=1, metavar="K",
                    help="exact checkpoint every K epochs, and at epoch 0, the last epoch and fork points; "
                         "forks from other epochs replay from the nearest earlier one (default: %(default)s)")
+    t.add_argument("--strategy", default="none", choices=["none", "mirrored", "multiworker"],
+                   help="tf.distribute: mirrored = every local GPU (MirroredStrategy), multiworker = "
+                        "the workers of $TF_CONFIG (MultiWorkerMirroredStrategy; run the same command "
+                        "on every worker, the chief records); --batch-size is the global batch "
+                        "(default: %(default)s, one device)")
     t.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
 
     f = sub.add_parser("fork", help="branch a new run from a recorded epoch, with changes")
@@ -169,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: as the parent)")
     f.add_argument("--checkpoint-every", type=_count, default=None, metavar="K",
                    help="the fork's checkpoint retention: every K epochs (default: the parent's)")
+    f.add_argument("--strategy", default="none", choices=["none", "mirrored"],
+                   help="train the fork on one device or under MirroredStrategy, whatever the parent "
+                        "ran under (default: %(default)s)")
     f.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
     f.add_argument("--dry-run", action="store_true",
                    help="print the surgery plan (every layer and channel each change touches) and "
@@ -177,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("resume", help="continue an interrupted run from its last committed epoch")
     _store_arg(r)
     r.add_argument("run", help="the id of the interrupted run")
+    r.add_argument("--strategy", default="none", choices=["none", "mirrored"],
+                   help="continue on one device or under MirroredStrategy, whatever the run was "
+                        "recorded under (default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
 
     s = sub.add_parser("steer", help="send a steering command to a running training")
@@ -349,12 +360,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data_dir is not None and not Path(args.data_dir).exists():
         raise ConfigError(f"Received: --data-dir {args.data_dir} (no such folder or file)")
     store = _open(args, mode="a")
+    from .trainer.distribute import is_chief, make_strategy
+
+    strategy = make_strategy(args.strategy)  # before any other TensorFlow work
     from .trainer import train
 
     def started(run_id: str) -> None:
         print(run_id, flush=True)
 
-    run = train(cfg, store, progress=not args.quiet, on_start=started)
+    run = train(cfg, store, progress=not args.quiet, on_start=started, strategy=strategy)
+    if strategy is not None and not is_chief(strategy):
+        return 0  # the chief reports the run
     print(f"{run.run_id} {run.status}: query it with  revacnn sql --store {args.store} "
           f"\"SELECT epoch, val_accuracy FROM epochs WHERE run_id = '{run.run_id}'\"", file=sys.stderr)
     return 0 if run.status in ("finished", "stopped") else 1
@@ -364,13 +380,17 @@ def cmd_fork(args: argparse.Namespace) -> int:
     store = _open(args)
     changes = _fork_changes(args)
     _check_fork(store, args, changes)
-    from .trainer import fork
-
     if args.dry_run:
         return _dry_run(store, args.run, changes, args.epoch)
+    from .trainer.distribute import make_strategy
+
+    strategy = make_strategy(args.strategy)
+    from .trainer import fork
+
     run = fork(store, args.run, args.epoch, changes=changes, epochs=args.epochs, lr=args.lr, name=args.name,
                progress=not args.quiet, on_start=lambda rid: print(rid, flush=True),
-               auto_freeze=args.auto_freeze, checkpoint_every=args.checkpoint_every)
+               auto_freeze=args.auto_freeze, checkpoint_every=args.checkpoint_every,
+               strategy=strategy)
     return 0 if run.status in ("finished", "stopped") else 1
 
 
@@ -388,9 +408,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError(f"Run {run.run_id} is {status}, nothing to resume ({why})")
     if not run.epochs():
         raise ConfigError(f"Run {run.run_id} has no committed epoch to resume from")
+    from .trainer.distribute import make_strategy
+
+    strategy = make_strategy(args.strategy)
     from .trainer import resume
 
-    run = resume(store, args.run, progress=not args.quiet)
+    run = resume(store, args.run, progress=not args.quiet, strategy=strategy)
     print(f"{run.run_id} {run.status}")
     return 0 if run.status in ("finished", "stopped") else 1
 

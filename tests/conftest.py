@@ -12,6 +12,25 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def _split_cpu(n: int = 2) -> None:
+    """Two logical CPU devices for the tf.distribute tests (tests/trainer/test_distribute.py).
+
+    It must happen before TensorFlow initialises its devices, so here, at import time, once for
+    the whole session; ops still run on ``/CPU:0`` by default, so the other tests are unaffected.
+    """
+    import tensorflow as tf
+
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        if cpus:  # (listing logical devices would initialise them)
+            tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError:  # devices already initialised (TensorFlow imported and used before conftest)
+        pass
+
+
+_split_cpu()
+
+
 @pytest.fixture(scope="session")
 def keras_mod():
     """Keras (imports TensorFlow once per test session)."""

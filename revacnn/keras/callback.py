@@ -7,6 +7,10 @@ does what Keras' own does (forward, compiled loss, loss tracker, optimizer updat
 metrics) and also accumulates per-filter gradient L1 sums, leaves frozen layers out of the
 gradient computation and keeps frozen filters bit-identical.
 
+Under the user's own ``tf.distribute`` strategy (model and fit inside ``strategy.scope()``), the
+replicas' gradients are all-reduced once, with the loss and hit counts, and the gradient sums
+are of the global-batch gradient (`revacnn.trainer.distribute.replica_update`).
+
 Steering that needs no new variables is obeyed at batch boundaries: freeze/unfreeze (layers and
 filters; the train function is re-traced), set-lr, pause, resume, stop (``model.stop_training``).
 Structural commands (add/delete/reinit filters) are rejected with a reason: fork the run, which
@@ -56,6 +60,9 @@ class _FitCore(Trainer):
 
         self.model = model
         self.optimizer = model.optimizer
+        self.strategy = None  # the user's fit distributes; this process records (one host)
+        self.sync = None
+        self.chief = True
         self.config = config
         self.writer = writer
         self.store: Store = writer.store
@@ -144,6 +151,12 @@ class _FitCore(Trainer):
             grads = tape.gradient(scaled, train_vars)
             for _v, gi, _saved, m in restore:
                 grads[gi] = tf.where(m, tf.zeros_like(grads[gi]), grads[gi])
+            ctx = tf.distribute.get_replica_context()
+            if ctx is not None and ctx.num_replicas_in_sync > 1:  # the user's fit runs under a strategy
+                from ..trainer.distribute import replica_update
+
+                replica_update(ctx, model, core.step_state, acc, restore, grads, train_vars, loss, n, y, y_pred)
+                return model.compute_metrics(x, y, y_pred, sample_weight=sw)
             model.optimizer.apply(grads, train_vars)
             for var, _gi, saved, m in restore:
                 var.assign(tf.where(m, saved, var))
@@ -214,6 +227,15 @@ class RevacnnCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         model = self.model
         validate_model(model)
+        from ..trainer.distribute import describe
+
+        strategy = getattr(model, "distribute_strategy", None)
+        if strategy is not None and describe(strategy)["workers"] > 1:
+            raise ConfigError(
+                "Received: RevacnnCallback in a model.fit under MultiWorkerMirroredStrategy with "
+                f"{describe(strategy)['workers']} workers (expected one host: MirroredStrategy; train on "
+                "several hosts with `revacnn train --strategy multiworker` or revacnn.fit(strategy=...))"
+            )
         if getattr(model, "optimizer", None) is None:
             raise ConfigError("Received: an uncompiled model (RevacnnCallback records model.fit: compile it first)")
         if not model.optimizer.built:

@@ -48,8 +48,11 @@ def runtime_settings() -> dict[str, Any]:
     }
 
 
-def check_runtime(config: TrainConfig, what: str) -> str | None:
+def check_runtime(config: TrainConfig, what: str, strategy: Any = None) -> str | None:
     """Compare the run's recorded runtime settings with this process's; warn when they differ.
+
+    The replica count (``strategy``) is compared too: a run continued on another number of
+    replicas sums its gradients in another order (float tolerance, not bit-exact).
 
     Returns:
         The warning printed (and logged), or None when the settings match.
@@ -58,6 +61,8 @@ def check_runtime(config: TrainConfig, what: str) -> str | None:
     now = runtime_settings()
     if not then:
         return None
+    now["replicas"] = _replicas(strategy)
+    then["replicas"] = int((config.extra or {}).get("strategy", {}).get("replicas", 1))
     diff = {k: (then.get(k), now[k]) for k in now if then.get(k) != now[k]}
     if not diff:
         return None
@@ -69,6 +74,40 @@ def check_runtime(config: TrainConfig, what: str) -> str | None:
     log.warning(msg)
     print(msg, file=sys.stderr)
     return msg
+
+
+def _replicas(strategy: Any) -> int:
+    return 1 if strategy is None else int(strategy.num_replicas_in_sync)
+
+
+def _distributed(strategy: Any) -> tuple[Any, Any]:
+    """``(description, CommandSync or None)`` of a strategy; the sync exists across several workers."""
+    from .distribute import CommandSync, describe
+
+    d = describe(strategy)
+    return d, (CommandSync(strategy) if d["workers"] > 1 else None)
+
+
+def _open_writer(store: Store, strategy: Any, sync: Any, make: Any) -> RunWriter:
+    """The chief runs ``make()`` (it creates the session and the run); the others get its run id."""
+    from .distribute import WorkerWriter, broadcast_run_id, describe
+
+    if sync is None:
+        return make()
+    task = describe(strategy)["task"]
+    if task == 0:
+        writer = make()
+        broadcast_run_id(sync, writer.run_id)
+        return writer
+    return WorkerWriter(store, broadcast_run_id(sync, None), task)
+
+
+def _single_worker(strategy: Any, what: str) -> None:
+    from .distribute import describe
+
+    if describe(strategy)["workers"] > 1:
+        raise ConfigError(f"Received: a {what} under a strategy with several workers (expected one host: "
+                          f"{what} it on one device or under MirroredStrategy)")
 
 
 def _make_optimizer(name: str, lr: float, momentum: float) -> keras.optimizers.Optimizer:
@@ -147,6 +186,7 @@ def fit(
     deterministic: bool = True,
     auto_freeze: bool = False,
     checkpoint_every: int = 1,
+    strategy: Any = None,
 ) -> Run:
     """Train a Keras model as compiled and record every epoch (epoch 0 = initialisation) into a store.
 
@@ -176,6 +216,10 @@ def fit(
         checkpoint_every: keep an exact checkpoint every K epochs (and at epoch 0, the last epoch
             and fork points); a fork or resume from any other epoch replays from the nearest
             earlier checkpoint, bit-exactly.
+        strategy: a ``tf.distribute.MirroredStrategy`` or ``MultiWorkerMirroredStrategy``; build and
+            compile ``model`` inside its ``scope()``. Each global batch (``batch_size`` examples) is
+            split across the replicas; the recorded gradient sums are of the global-batch loss. With
+            several workers, every worker calls `fit` alike and only the chief writes the store.
 
     Returns:
         The recorded `Run`.
@@ -193,7 +237,15 @@ def fit(
     st = store if isinstance(store, Store) else open_store(store)
     tdata = TrainData.of(data, validation_data)
     compiled = bool(getattr(model, "compiled", False)) and getattr(model, "optimizer", None) is not None
-    optimizer = model.optimizer if compiled else keras.optimizers.Adam(learning_rate=lr)
+    from .distribute import check_distributed, scope
+
+    with scope(strategy):
+        optimizer = model.optimizer if compiled else keras.optimizers.Adam(learning_rate=lr)
+    dist, sync = _distributed(strategy)
+    if strategy is not None:
+        check_distributed(model, optimizer, strategy)
+        if auto_freeze and sync is not None:
+            raise ConfigError("Received: auto_freeze=True with several workers (expected one host)")
     n_train = len(tdata.train) if isinstance(tdata.train, ArraySource) else None
     n_val = len(tdata.val) if isinstance(tdata.val, ArraySource) else None
     cfg = TrainConfig(
@@ -202,23 +254,29 @@ def fit(
         train_size=n_train, val_size=n_val, probes=probes if isinstance(probes, int) else len(probes[1]),
         seed=seed, name=name, embeddings=embeddings, deterministic=deterministic,
         auto_freeze=bool(auto_freeze), runtime=runtime_settings(), checkpoint_every=checkpoint_every,
-        extra={"data": tdata.train.kind, "validation_data": tdata.val.kind if tdata.val else None},
+        extra={"data": tdata.train.kind, "validation_data": tdata.val.kind if tdata.val else None,
+               "strategy": {k: v for k, v in dist.items() if k != "task"}},
     )
     _setup_determinism(cfg)
     px, py, pidx = _probes(tdata, probes, seed)
     n_classes = int(model.output_shape[-1])
     names = list(class_names) if class_names else [str(i) for i in range(max(n_classes, 2))]
-    sid = create_session(
-        st, dataset="custom", model=model.name, probe_images=px, probe_labels=class_indices(py),
-        probe_indices=pidx, class_names=names, config=cfg.to_dict(),
-    )
-    if not compiled:
-        model.compile(optimizer=optimizer, loss=_default_loss(tdata))
-    optimizer.build(model.trainable_variables)
-    writer = RunWriter.create(st, session_id=sid, config=cfg.to_dict(), name=name)
+
+    def make() -> RunWriter:
+        sid = create_session(
+            st, dataset="custom", model=model.name, probe_images=px, probe_labels=class_indices(py),
+            probe_indices=pidx, class_names=names, config=cfg.to_dict(),
+        )
+        return RunWriter.create(st, session_id=sid, config=cfg.to_dict(), name=name)
+
+    with scope(strategy):
+        if not compiled:
+            model.compile(optimizer=optimizer, loss=_default_loss(tdata))
+        optimizer.build(model.trainable_variables)
+    writer = _open_writer(st, strategy, sync, make)
     trainer = Trainer(
         model=model, optimizer=optimizer, data=tdata, probe_images=px, probe_labels=class_indices(py),
-        writer=writer, config=cfg, progress=progress, callbacks=callbacks,
+        writer=writer, config=cfg, progress=progress, callbacks=callbacks, strategy=strategy, sync=sync,
     )
     trainer.run(start_epoch=0, epochs=epochs)
     return st.run(writer.run_id)
@@ -234,10 +292,13 @@ def load_data(config: TrainConfig):
     )
 
 
-def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start: Any = None) -> Run:
+def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start: Any = None,
+          strategy: Any = None) -> Run:
     """Start a new session and its root run from a config (what ``revacnn train`` does).
 
     ``on_start(run_id)`` is called once the run exists, before training (the CLI prints the id).
+    Under a ``strategy`` (`revacnn.trainer.distribute.make_strategy`) the model and optimizer are
+    built in its scope; with several workers every worker calls `train` alike and the chief records.
     """
     config.validate()
     if config.dataset == "custom":
@@ -245,38 +306,56 @@ def train(config: TrainConfig, store: Store, *, progress: bool = True, on_start:
     _setup_determinism(config)
     ds = load_data(config)
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.model, ds.input_shape, ds.num_classes)
-    validate_model(model)
+    from .distribute import scope
+
+    dist, sync = _distributed(strategy)
+    if config.auto_freeze and sync is not None:
+        raise ConfigError("Received: --auto-freeze with several workers (expected one host)")
+    with scope(strategy):
+        model = build_model(config.model, ds.input_shape, ds.num_classes)
+        validate_model(model)
+        if getattr(model, "compiled", False) and getattr(model, "optimizer", None) is not None:
+            optimizer = model.optimizer  # a user's factory may compile its model
+        else:
+            optimizer = _make_optimizer(config.optimizer, config.lr, config.momentum)
+            model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
+        optimizer.build(model.trainable_variables)
     config.runtime = runtime_settings()
-    if getattr(model, "compiled", False) and getattr(model, "optimizer", None) is not None:
-        optimizer = model.optimizer  # a user's factory may compile its model
-    else:
-        optimizer = _make_optimizer(config.optimizer, config.lr, config.momentum)
-        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
-    optimizer.build(model.trainable_variables)
+    config.extra = {**config.extra, "strategy": {k: v for k, v in dist.items() if k != "task"}}
     pidx = _select_probes(ds.y_val, config.probes, config.seed)
-    sid = create_session(
-        store, dataset=config.dataset, model=config.model, probe_images=ds.x_val[pidx],
-        probe_labels=ds.y_val[pidx], probe_indices=pidx, class_names=ds.class_names,
-        config=config.to_dict(),
-    )
-    writer = RunWriter.create(store, session_id=sid, config=config.to_dict(), name=config.name)
+
+    def make() -> RunWriter:
+        sid = create_session(
+            store, dataset=config.dataset, model=config.model, probe_images=ds.x_val[pidx],
+            probe_labels=ds.y_val[pidx], probe_indices=pidx, class_names=ds.class_names,
+            config=config.to_dict(),
+        )
+        return RunWriter.create(store, session_id=sid, config=config.to_dict(), name=config.name)
+
+    writer = _open_writer(store, strategy, sync, make)
     if on_start is not None:
         on_start(writer.run_id)
     trainer = Trainer(
         model=model, optimizer=optimizer, data=TrainData.arrays(ds.x_train, ds.y_train, ds.x_val, ds.y_val),
         probe_images=ds.x_val[pidx], probe_labels=ds.y_val[pidx], writer=writer, config=config,
-        progress=progress,
+        progress=progress, strategy=strategy, sync=sync,
     )
     trainer.run(start_epoch=0, epochs=config.epochs)
     return store.run(writer.run_id)
 
 
-def _restore(run: Run, epoch: int) -> tuple[keras.Model, keras.optimizers.Optimizer, dict[str, Any]]:
-    """The model of ``run``'s checkpointed epoch, compiled as it trained (optimizer state, loss, metrics)."""
+def _restore(run: Run, epoch: int, strategy: Any = None) -> tuple[keras.Model, keras.optimizers.Optimizer,
+                                                                  dict[str, Any]]:
+    """The model of ``run``'s checkpointed epoch, compiled as it trained (optimizer state, loss, metrics).
+
+    Under a ``strategy`` the model and optimizer are made in its scope (replicated variables):
+    a checkpoint holds plain arrays, whatever set-up recorded it.
+    """
+    from .distribute import scope
     from .replay import build
 
-    return build(load_run_checkpoint(run, epoch))
+    with scope(strategy):
+        return build(load_run_checkpoint(run, epoch))
 
 
 def _data_for(run: Run, config: TrainConfig, data: Any) -> TrainData:
@@ -302,12 +381,16 @@ def _skip_to(data: TrainData, epoch: int) -> None:
 
 
 def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None,
-           callbacks: Sequence[keras.callbacks.Callback] | None = None) -> Run:
+           callbacks: Sequence[keras.callbacks.Callback] | None = None, strategy: Any = None) -> Run:
     """Continue an interrupted run from its last committed epoch (what ``revacnn resume`` does).
 
     The model continues as it was compiled (optimizer state and schedule, loss, metrics). A run
     trained with `fit` on custom data needs the same data again: ``data=(train, validation)``.
+    A run recorded under a strategy resumes on one device (default) or under ``strategy`` (one
+    host), and the other way round; see docs/architecture.md for how exact that is.
     """
+    if strategy is not None:
+        _single_worker(strategy, "resume")
     run = store.run(run_id)
     writer = RunWriter(store, run_id).acquire()  # one writer per run: RunBusyError while another lives
     status = run.status
@@ -324,8 +407,8 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     config = TrainConfig.from_dict(run.config)
     last = _resume_point(store, run, own)
     _setup_determinism(config)
-    check_runtime(config, "resume")
-    model, optimizer, state = _restore(run, last)
+    check_runtime(config, "resume", strategy)
+    model, optimizer, state = _restore(run, last, strategy)
     tstate = TrainerState.from_dict(state["trainer"])
     writer.discard_after(last)
     from ..steering.channel import requeue_discarded
@@ -338,7 +421,7 @@ def resume(store: Store, run_id: str, *, progress: bool = True, data: Any = None
     trainer = Trainer(
         model=model, optimizer=optimizer, data=tdata, probe_images=images, probe_labels=labels, writer=writer,
         config=config, state=tstate, tracker_state=state.get("tracker"), doctor_state=state.get("doctor"),
-        progress=progress, callbacks=callbacks,
+        progress=progress, callbacks=callbacks, strategy=strategy,
     )
     trainer.recorder._prev = _prev_from_model(trainer)
     trainer.run(start_epoch=last, epochs=config.epochs, record_start=False)
@@ -421,6 +504,7 @@ def fork(
     batch_size: int | None = None,
     auto_freeze: bool | None = None,
     checkpoint_every: int | None = None,
+    strategy: Any = None,
 ) -> Run:
     """Branch a new run from ``run_id``'s recorded ``epoch`` with ``changes`` applied at that point.
 
@@ -441,6 +525,8 @@ def fork(
             an epoch without a checkpoint replays the parent from its nearest earlier checkpoint
             (bit-exact with the parent's record, said on stderr and in the fork's config
             ``extra["replayed"]``), and that epoch becomes checkpointed.
+        strategy: train the fork under a ``MirroredStrategy`` (one host), whatever set-up the
+            parent was recorded under (default: one device).
 
     Returns:
         The new `Run`.
@@ -471,19 +557,24 @@ def fork(
         config.auto_freeze = bool(auto_freeze)
     if checkpoint_every is not None:
         config.checkpoint_every = check_checkpoint_every(checkpoint_every)
-    config.extra = {**{k: v for k, v in config.extra.items() if k in ("data", "validation_data")},
+    config.extra = {**{k: v for k, v in config.extra.items() if k in ("data", "validation_data", "strategy")},
                     "fork_changes": [c.to_json() for c in changes]}
+    if strategy is not None:
+        _single_worker(strategy, "fork")
     _setup_determinism(config)
-    check_runtime(config, "fork")
+    check_runtime(config, "fork", strategy)
     config.runtime = runtime_settings()
+    from .distribute import describe, scope
     from .replay import build, restore_checkpoint, say
 
+    config.extra["strategy"] = {k: v for k, v in describe(strategy).items() if k != "task"}
     data_ = _data_for(parent, config, data)
     ckpt, how = restore_checkpoint(store, parent, epoch, data_, progress=progress)
     say(how, rec.run_id)
     if how.replayed:
         config.extra["replayed"] = how.to_dict()
-    model, optimizer, state = build(ckpt)
+    with scope(strategy):
+        model, optimizer, state = build(ckpt)
     tstate = TrainerState.from_dict(state["trainer"])
     _skip_to(data_, epoch)
     writer = RunWriter.create(
@@ -497,7 +588,7 @@ def fork(
         trainer = Trainer(
             model=model, optimizer=optimizer, data=data_, probe_images=images, probe_labels=labels,
             writer=writer, config=config, state=tstate, tracker_state=state.get("tracker"),
-            doctor_state=state.get("doctor"), progress=progress, callbacks=callbacks,
+            doctor_state=state.get("doctor"), progress=progress, callbacks=callbacks, strategy=strategy,
         )
         trainer.recorder._prev = _prev_from_model(trainer)
         from .steer import apply, set_learning_rate

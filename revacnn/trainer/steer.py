@@ -20,8 +20,13 @@ log = logging.getLogger("revacnn.steering")
 def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
     """Apply every queued command to ``trainer`` and record an event for each (called between batches).
 
-    A command leaves the queue only after its event is written (`CommandQueue.ack`).
+    A command leaves the queue only after its event is written (`CommandQueue.ack`). Across
+    several workers (``trainer.sync``), the chief's commands are broadcast and every worker
+    applies them here, at the same batch (`_apply_broadcast`).
     """
+    if getattr(trainer, "sync", None) is not None:
+        _apply_broadcast(trainer, epoch, batch)
+        return
     if not trainer.commands.pending():
         return
     for cmd, cid, error in trainer.commands.pop(epoch, batch):
@@ -47,6 +52,47 @@ def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
         )
         kill_point("event_written")
         trainer.commands.ack(cid)
+
+
+def _apply_broadcast(trainer: Trainer, epoch: int, batch: int) -> None:
+    """The chief pops the queue and broadcasts its commands; every worker applies them in order.
+
+    Only the chief writes events and acknowledges; the others apply the same commands to their
+    own replicas (the checks are deterministic, so a command rejected on one is rejected on all).
+    """
+    cids: dict[str, str] = {}
+    mine: list[dict[str, Any]] | None = None
+    if trainer.chief:
+        mine = []
+        if trainer.commands.pending():
+            for cmd, cid, error in trainer.commands.pop(epoch, batch):
+                if cmd is None:
+                    trainer.writer.write_event(
+                        event_id=cid, epoch=epoch, batch=batch, kind="malformed", args={}, status="rejected",
+                        message=error or "malformed command",
+                    )
+                    trainer.commands.ack(cid)
+                    continue
+                cids[cmd.command_id] = cid
+                mine.append(cmd.to_json())
+    for d in trainer.sync.exchange(mine):
+        cmd = Command(op=d["op"], args=d.get("args") or {}, command_id=d["command_id"], sent_at=d.get("sent_at", 0.0))
+        try:
+            message = apply(trainer, cmd)
+            status = "applied"
+        except RevacnnError as exc:
+            status, message = "rejected", str(exc)
+        except Exception as exc:  # a bug in an op must not kill training
+            log.exception("steering op %s failed", cmd.op)
+            status, message = "rejected", f"internal error: {type(exc).__name__}: {exc}"
+        if not trainer.chief:
+            trainer.applied.append([cmd.command_id, cmd.op, epoch, batch, status])
+        if trainer.chief:
+            trainer.writer.write_event(
+                event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op, args=cmd.args, status=status,
+                message=message, sent_at=cmd.sent_at,
+            )
+            trainer.commands.ack(cids.get(cmd.command_id, cmd.command_id))
 
 
 def _layer_names(trainer: Trainer) -> list[str]:
@@ -154,9 +200,10 @@ def apply(trainer: Trainer, cmd: Command) -> str:
         init = args.get("init", "zero")
         if init not in ("zero", "random"):
             raise SteeringError(f"Received: init={init!r} (expected 'zero' or 'random')")
-        res = graph.apply(trainer.model, trainer.optimizer,
-                          {"op": op, "args": {"layer": layer, "n": n, "init": init}},
-                          seed=trainer.config.seed + step, frozen=frozen)
+        with _scope(trainer):
+            res = graph.apply(trainer.model, trainer.optimizer,
+                              {"op": op, "args": {"layer": layer, "n": n, "init": init}},
+                              seed=trainer.config.seed + step, frozen=frozen)
         trainer.swap(res)
         return f"{layer}: {n} filters added ({len(st.uids[layer])} now, init={init}){_group(res)}"
     if op == "delete-filters":
@@ -166,18 +213,30 @@ def apply(trainer: Trainer, cmd: Command) -> str:
                 f"Cannot delete every filter of {layer}. Received: {len(idx)} indices "
                 f"({layer} has {len(st.uids[layer])} filters; at least one must remain)"
             )
-        res = graph.apply(trainer.model, trainer.optimizer,
-                          {"op": op, "args": {"layer": layer, "indices": idx}}, frozen=frozen)
+        with _scope(trainer):
+            res = graph.apply(trainer.model, trainer.optimizer,
+                              {"op": op, "args": {"layer": layer, "indices": idx}}, frozen=frozen)
         trainer.swap(res)
         return f"{layer}: filters {idx} deleted ({len(st.uids[layer])} left){_group(res)}"
     if op == "reinit-filters":
         idx = _check_indices(trainer, layer, args)
-        res = graph.apply(trainer.model, trainer.optimizer,
-                          {"op": op, "args": {"layer": layer, "indices": idx}},
-                          seed=trainer.config.seed + 7919 * (1 + step), frozen=frozen)
+        with _scope(trainer):
+            res = graph.apply(trainer.model, trainer.optimizer,
+                              {"op": op, "args": {"layer": layer, "indices": idx}},
+                              seed=trainer.config.seed + 7919 * (1 + step), frozen=frozen)
         trainer.rebuild(carry=True)
         return f"{layer}: filters {idx} re-initialised{_group(res)}"
     raise SteeringError(f"Unhandled op {op!r}")  # pragma: no cover
+
+
+def _scope(trainer: Trainer) -> Any:
+    """The trainer's strategy scope (surgery's new variables are replicated under it)."""
+    scope = getattr(trainer, "scope", None)
+    if scope is None:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return scope()
 
 
 def _group(res: Any) -> str:

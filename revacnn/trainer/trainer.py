@@ -144,12 +144,21 @@ class Trainer:
         doctor_state: dict[str, Any] | None = None,
         progress: bool = True,
         callbacks: Sequence[keras.callbacks.Callback] | None = None,
+        strategy: Any = None,
+        sync: Any = None,
     ) -> None:
+        from .distribute import describe
+
         self.model = model
         self.optimizer = optimizer
-        ensure_compiled(model, optimizer, loss_fn)
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
+        #: a tf.distribute strategy (None: one device); `sync` broadcasts commands across workers
+        self.strategy = strategy
+        self.sync = sync
+        self.chief = describe(strategy)["task"] == 0
+        with self.scope():
+            ensure_compiled(model, optimizer, loss_fn)
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
         self.data = data
         self.config = config
         self.writer = writer
@@ -174,14 +183,22 @@ class Trainer:
             for cb in self.user_callbacks
         )
         self.end_message: str | None = None
-        self.recorder = Recorder(
-            writer,
-            embeddings=config.embeddings,
-            embedding_features=config.embedding_features,
-            tracker_state=tracker_state,
-            doctor_state=doctor_state,
-            seed=config.seed,
-        )
+        if self.chief:
+            self.recorder = Recorder(
+                writer,
+                embeddings=config.embeddings,
+                embedding_features=config.embedding_features,
+                tracker_state=tracker_state,
+                doctor_state=doctor_state,
+                seed=config.seed,
+            )
+        else:  # a worker other than the chief records nothing; its heartbeat reports its replicas
+            from .distribute import NullRecorder, worker_state
+
+            self.recorder = NullRecorder()
+            self.applied: list[list[Any]] = []  # [command id, op, epoch, batch] of every command applied
+            if hasattr(writer, "state_fn"):
+                writer.state_fn = lambda: worker_state(self)
         self.paused = False
         self.stop_requested = False
         self.batch = 0
@@ -197,6 +214,12 @@ class Trainer:
         self.rebuild()
 
     # ------------------------------------------------------------------ structure
+    def scope(self) -> Any:
+        """The strategy's scope (variables made inside are replicated); a no-op on one device."""
+        from .distribute import scope
+
+        return scope(self.strategy)
+
     def rebuild(self, *, carry: bool = False) -> None:
         """(Re)trace the compiled steps for the current model, frozen sets and variables.
 
@@ -218,18 +241,29 @@ class Trainer:
                 mask = np.array([u in frozen_uids for u in self.state.uids[r.name]], bool)
             specs.append(LayerSpec(r, r.name in self.state.frozen_layers, mask))
         self.specs = specs
-        x_all = y_all = None
-        if isinstance(self.data.train, ArraySource):
-            x_all, y_all = self.data.train.device()
-        # traced steps by frozen set: unfreezing back, or reinit, re-traces nothing (step.StepCache)
-        cache = self.__dict__.setdefault("_step_cache", StepCache())
-        traced, _hit = cache.steps(self.model, self.optimizer, specs, x_all=x_all, y_all=y_all)
-        self.step_state = traced.state
-        if saved is None:
-            self.step_state.reset()
-        self._step, self._step_idx = traced.step, traced.step_idx
-        self._eval = cache.eval_step(self.model)
-        self._probe = cache.probe_step(self.model, self.recs)
+        if self.strategy is not None:
+            from .distribute import build_distributed_step
+
+            self.step_state = StepState(specs)
+            self._step = build_distributed_step(self.strategy, self.model, self.optimizer, specs, self.step_state)
+            src = self.data.train
+            if isinstance(src, ArraySource):
+                self._step_idx = lambda idx: self._step(src.x[idx], src.y[idx])
+            self._eval = build_eval_step(self.model)
+            self._probe = build_probe_step(self.model, self.recs)
+        else:
+            x_all = y_all = None
+            if isinstance(self.data.train, ArraySource):
+                x_all, y_all = self.data.train.device()
+            # traced steps by frozen set: unfreezing back, or reinit, re-traces nothing (step.StepCache)
+            cache = self.__dict__.setdefault("_step_cache", StepCache())
+            traced, _hit = cache.steps(self.model, self.optimizer, specs, x_all=x_all, y_all=y_all)
+            self.step_state = traced.state
+            if saved is None:
+                self.step_state.reset()
+            self._step, self._step_idx = traced.step, traced.step_idx
+            self._eval = cache.eval_step(self.model)
+            self._probe = cache.probe_step(self.model, self.recs)
         self._acc_uids = {name: list(self.state.uids[name]) for name in self.step_state.grad_l1}
         if saved is not None:
             grads, loss_sum, correct, seen = saved
@@ -270,7 +304,8 @@ class Trainer:
             cfg = keras.saving.deserialize_keras_object({k: v for k, v in cc.items() if k != "optimizer"})
             if cfg.get("loss") is None:
                 cfg["loss"] = keras.losses.SparseCategoricalCrossentropy()
-            self.model.compile(optimizer=self.optimizer, **cfg)
+            with self.scope():
+                self.model.compile(optimizer=self.optimizer, **cfg)
         self.model.stop_training = False
         if getattr(self, "callbacks", None) is not None:
             self.callbacks.set_model(self.model)
@@ -290,7 +325,7 @@ class Trainer:
     # ------------------------------------------------------------------ recording
     def evaluate(self) -> tuple[float, float]:
         """Validation loss and accuracy (NaN without validation data)."""
-        if self.data.val is None:
+        if self.data.val is None or not self.chief:
             return float("nan"), float("nan")
         loss = 0.0
         hits = 0
@@ -370,6 +405,8 @@ class Trainer:
             "n_batches": n_batches,
             "step": int(np.asarray(self.optimizer.iterations)),
         }
+        if not self.chief:  # the chief records; the other workers only keep in step
+            return metrics
         if self.auto_freezer is not None and n_batches:
             # before the snapshot: the epoch's record and checkpoint already hold the freeze
             self.auto_freezer.check(self, epoch, n_batches)
@@ -432,10 +469,17 @@ class Trainer:
             raise
         except Exception as exc:
             status, message = "failed", f"{type(exc).__name__}: {exc}"
+            from .distribute import lost_peer
+
+            if self.sync is not None and lost_peer(exc):
+                status = "interrupted"
+                message = f"a worker of the cluster was lost ({type(exc).__name__}); resume the run"
             raise
         finally:
             # retention: the last recorded epoch keeps its checkpoint, however the run ends
             self.recorder.flush_checkpoint()
+            if not self.chief:
+                self.writer.heartbeat(every_s=0.0, done=True, status=status)
             self.recorder.close()
             if self.recorder.errors and message is None:
                 message = "; ".join(self.recorder.errors[-3:])
@@ -549,6 +593,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ live
     def _publish_live(self, epoch: int, batch: int, n_batches: int, *, throttle: bool = False) -> None:
+        if not self.chief:
+            return
         if throttle and time.time() - self._last_live < max(self.config.live_every_s, 0.5):
             return
         self._last_live = time.time()
