@@ -20,7 +20,14 @@ from .autofreeze import AutoFreezer
 from .checkpoint import capture
 from .recorder import EpochSnapshot, LayerSnapshot, Recorder
 from .sources import ArraySource, Source, as_source
-from .step import LayerSpec, StepCache, as_probabilities
+from .step import (
+    LayerSpec,
+    StepCache,
+    StepState,
+    as_probabilities,
+    build_eval_step,
+    build_probe_step,
+)
 
 log = logging.getLogger("revacnn.trainer")
 
