@@ -575,7 +575,10 @@ class LiveApp(pn.viewable.Viewer):
         if seen.get("snap_v") != st.snap_v:
             seen["snap_v"] = st.snap_v
             self.batch_curves.param.update(batches=st.batches, n_batches=(cur.n_batches if cur else None))
-        touched = touched_layers(st.events, cur.epoch) if cur is not None else {}
+        # marked while the frame shown is of the epoch the surgery was applied in or the next one
+        # (or older: the snapshot after the change has not arrived yet)
+        touched = (touched_layers(st.events, 1 << 30, cur.epoch - 2)
+                   if cur is not None and cur.epoch is not None else {})
         if touched != self.network.touched:
             self.network.touched = touched  # the layers this epoch's applied surgery changed
         if cur is not None and cur.key != seen.get("frame"):
