@@ -513,7 +513,8 @@ class ReplayApp(Viewer):
         if self.bundle is None or self.epoch is None:
             self._apply_frame(NetworkFrame.empty("This run has no committed epoch yet."))
             return
-        self._apply_frame(self.data.frame(self.bundle, self.epoch))
+        # a first paint from a partial bundle leaves the neighbours' prefetch to the full one
+        self._apply_frame(self.data.frame(self.bundle, self.epoch, prefetch=not self.bundle.partial))
 
     async def _show_async(self) -> None:
         if self.bundle is None or self.epoch is None:
