@@ -12,6 +12,9 @@ then tiny 3-layer models with 64 and 256 filters per layer — and measures, per
 * ``first_load_ms`` (``--load-epochs``, default 1,300 epochs of 3 x 256 filters, written without a
   trainer): a fresh server (empty caches) -> the page shows the network view of the last epoch, in
   Chromium; and ``first_load_server_ms``, the server's share (build the page and its document).
+  The lazy first page (the default) and the eager one (``lazy=False``: every table read before the
+  first paint) alternate in one run (``first_load_{lazy,eager}_ms``, their ratio), and
+  ``first_load_complete_ms`` is when the lazy page has its measures too.
 
 Every figure is a median with its spread (``*_p10``/``*_p90``, and ``n``).
 
