@@ -12,6 +12,9 @@ then tiny 3-layer models with 64 and 256 filters per layer — and measures, per
 * ``first_load_ms`` (``--load-epochs``, default 1,300 epochs of 3 x 256 filters, written without a
   trainer): a fresh server (empty caches) -> the page shows the network view of the last epoch, in
   Chromium; and ``first_load_server_ms``, the server's share (build the page and its document).
+  The lazy first page (the default) and the eager one (``lazy=False``: every table read before the
+  first paint) alternate in one run (``first_load_{lazy,eager}_ms``, their ratio), and
+  ``first_load_complete_ms`` is when the lazy page has its measures too.
 
 Every figure is a median with its spread (``*_p10``/``*_p90``, and ``n``).
 
@@ -209,7 +212,15 @@ def long_store(path: Path, epochs: int, filters: int, layers: int = 3, probes: i
 
 
 def first_load(path: Path, repeats: int, use_browser: bool) -> dict[str, float]:
-    """First page load with empty caches: server share in-process, and the whole load in Chromium."""
+    """First page load with empty caches, lazy (the default) and eager, alternated in one run.
+
+    ``lazy``: the page is built from the run's light bundle (metrics, layers, events; the shown
+    epoch's arrays) and reads the ``filters`` rows of every epoch afterwards, in a thread.
+    ``eager``: the page reads everything before it is shown (what it did before).
+    Server share in-process (build the page and its document), and the whole load in Chromium
+    (navigation -> the network view of the last epoch is shown); the lazy arm's completion (the
+    measures arrive) is reported as ``first_load_complete_ms``.
+    """
     import panel as pn
     from bokeh.document import Document
 
@@ -223,39 +234,57 @@ def first_load(path: Path, repeats: int, use_browser: bool) -> dict[str, float]:
             w.stop()
         uidata.StoreWatcher._instances.clear()
 
-    server: list[float] = []
+    arms = {"lazy": True, "eager": False}
+    server: dict[str, list[float]] = {a: [] for a in arms}
     for _ in range(repeats):
-        fresh()
-        t = time.perf_counter()
-        tpl = create_replay_app(str(path))
-        tpl.server_doc(Document())
-        server.append(1000 * (time.perf_counter() - t))
-    out = spread("first_load_server_ms", server)
+        for arm, lazy in arms.items():
+            fresh()
+            t = time.perf_counter()
+            tpl = create_replay_app(str(path), lazy=lazy)
+            tpl.server_doc(Document())
+            server[arm].append(1000 * (time.perf_counter() - t))
+    out: dict[str, float] = {}
+    for arm in arms:
+        out.update(spread(f"first_load_server_{arm}_ms", server[arm]))
+    out["first_load_server_ms"] = out["first_load_server_lazy_ms"]
+    out["server_ratio_lazy_eager"] = out["first_load_server_lazy_ms"] / out["first_load_server_eager_ms"]
     if not use_browser:
         return out
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    srv = pn.serve({"replay": lambda: create_replay_app(str(path))}, port=port, address="127.0.0.1",
-                   show=False, threaded=True, verbose=False, websocket_origin=[f"127.0.0.1:{port}"])
-    times: list[float] = []
+    srv = pn.serve({"replay": lambda: create_replay_app(str(path)),
+                    "eager": lambda: create_replay_app(str(path), lazy=False)},
+                   port=port, address="127.0.0.1", show=False, threaded=True, verbose=False,
+                   websocket_origin=[f"127.0.0.1:{port}"])
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    complete: list[float] = []
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(120_000)
-            page.goto(f"http://127.0.0.1:{port}/replay")  # warm-up: imports, Bokeh/Panel JS cached
-            page.wait_for_selector(".rv-tab-network .rv-net[data-epoch]")
-            for _ in range(repeats):
-                fresh()
-                t = time.perf_counter()
-                page.goto(f"http://127.0.0.1:{port}/replay")
+            for route in ("replay", "eager"):  # warm-up: imports, Bokeh/Panel JS cached
+                page.goto(f"http://127.0.0.1:{port}/{route}")
                 page.wait_for_selector(".rv-tab-network .rv-net[data-epoch]")
-                times.append(1000 * (time.perf_counter() - t))
+            for _ in range(repeats):
+                for arm in arms:
+                    fresh()
+                    t = time.perf_counter()
+                    page.goto(f"http://127.0.0.1:{port}/{'replay' if arm == 'lazy' else 'eager'}")
+                    page.wait_for_selector(".rv-tab-network .rv-net[data-epoch]")
+                    times[arm].append(1000 * (time.perf_counter() - t))
+                    if arm == "lazy":  # the rest arrives: the network view shows measures
+                        page.wait_for_selector(".rv-tab-network .rv-net[data-complete='1']")
+                        complete.append(1000 * (time.perf_counter() - t))
             browser.close()
     finally:
         srv.stop()
-    out.update(spread("first_load_ms", times))
+    for arm in arms:
+        out.update(spread(f"first_load_{arm}_ms", times[arm]))
+    out["first_load_ms"] = out["first_load_lazy_ms"]
+    out.update(spread("first_load_complete_ms", complete))
+    out["browser_ratio_lazy_eager"] = out["first_load_lazy_ms"] / out["first_load_eager_ms"]
     return out
 
 
@@ -301,7 +330,10 @@ def main() -> int:
     if use_browser:
         cols += ["browser_ms", "browser_ms_p10", "browser_ms_p90", "n_clicks"]
     if args.load_epochs:
-        cols += ["first_load_server_ms", "first_load_ms", "first_load_ms_p10", "first_load_ms_p90"]
+        cols += ["first_load_server_lazy_ms", "first_load_server_eager_ms", "first_load_lazy_ms",
+                 "first_load_lazy_ms_p10", "first_load_lazy_ms_p90", "first_load_eager_ms",
+                 "first_load_eager_ms_p10", "first_load_eager_ms_p90", "first_load_complete_ms",
+                 "browser_ratio_lazy_eager"]
     print(table(rows, cols))
     print(f"(targets: server-side median <= 100 ms for convnetjs; browser median <= 300 ms at 3 x 256; "
           f"first load <= 1500 ms; "

@@ -598,8 +598,10 @@ def fork(
         for cmd in changes:
             if cmd.op in ("pause", "resume", "stop"):
                 raise ConfigError(f"Received: change {cmd.op!r} (a fork takes structural changes and lr only)")
-            msg = apply(trainer, cmd)
-            writer.write_event(event_id=cmd.command_id, epoch=epoch, batch=0, kind=cmd.op, args=cmd.args,
+            touched: list[str] = []
+            msg = apply(trainer, cmd, touched=touched)
+            writer.write_event(event_id=cmd.command_id, epoch=epoch, batch=0, kind=cmd.op,
+                               args={**cmd.args, "touched": touched} if touched else cmd.args,
                                status="applied", message=f"fork change: {msg}")
     except RevacnnError:
         # bad changes: nothing was trained, so leave no empty run behind

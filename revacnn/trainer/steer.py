@@ -37,8 +37,9 @@ def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
             )
             trainer.commands.ack(cid)
             continue
+        touched: list[str] = []
         try:
-            message = apply(trainer, cmd)
+            message = apply(trainer, cmd, touched=touched)
             status = "applied"
         except RevacnnError as exc:
             status, message = "rejected", str(exc)
@@ -47,8 +48,10 @@ def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
             status, message = "rejected", f"internal error: {type(exc).__name__}: {exc}"
         kill_point("command_popped")
         trainer.writer.write_event(
-            event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op, args=cmd.args, status=status,
-            message=message, sent_at=cmd.sent_at,
+            event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op,
+            # a surgery's event names every layer it changed (the app marks them)
+            args={**cmd.args, "touched": touched} if touched and status == "applied" else cmd.args,
+            status=status, message=message, sent_at=cmd.sent_at,
         )
         kill_point("event_written")
         trainer.commands.ack(cid)
@@ -77,8 +80,9 @@ def _apply_broadcast(trainer: Trainer, epoch: int, batch: int) -> None:
                 mine.append(cmd.to_json())
     for d in trainer.sync.exchange(mine):
         cmd = Command(op=d["op"], args=d.get("args") or {}, command_id=d["command_id"], sent_at=d.get("sent_at", 0.0))
+        touched: list[str] = []
         try:
-            message = apply(trainer, cmd)
+            message = apply(trainer, cmd, touched=touched)
             status = "applied"
         except RevacnnError as exc:
             status, message = "rejected", str(exc)
@@ -89,8 +93,9 @@ def _apply_broadcast(trainer: Trainer, epoch: int, batch: int) -> None:
             trainer.applied.append([cmd.command_id, cmd.op, epoch, batch, status])
         if trainer.chief:
             trainer.writer.write_event(
-                event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op, args=cmd.args, status=status,
-                message=message, sent_at=cmd.sent_at,
+                event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op,
+                args={**cmd.args, "touched": touched} if touched and status == "applied" else cmd.args,
+                status=status, message=message, sent_at=cmd.sent_at,
             )
             trainer.commands.ack(cids.get(cmd.command_id, cmd.command_id))
 
@@ -134,8 +139,21 @@ def set_learning_rate(optimizer: Any, lr: float) -> None:
     optimizer.learning_rate = float(lr)
 
 
-def apply(trainer: Trainer, cmd: Command) -> str:
-    """Apply one command to a live trainer; return a short message, raise `SteeringError` to reject."""
+def apply(trainer: Trainer, cmd: Command, *, touched: list[str] | None = None) -> str:
+    """Apply one command to a live trainer; return a short message, raise `SteeringError` to reject.
+
+    Args:
+        trainer: The live trainer.
+        cmd: The command.
+        touched: When given, filter surgery appends the names of every layer it changed (its
+            plan's layers, `revacnn.steering.graph.Plan.layers`); `apply_pending` records them in
+            the event's args as ``touched``.
+
+    Example:
+        >>> layers: list[str] = []
+        >>> apply(trainer, parse("add-filters", ["conv1", "2"]), touched=layers)  # doctest: +SKIP
+        'conv1: 2 filters added (18 now, init=zero)'
+    """
     op, args = cmd.op, cmd.args
     st = trainer.state
     if op not in OPS:
@@ -205,6 +223,7 @@ def apply(trainer: Trainer, cmd: Command) -> str:
                               {"op": op, "args": {"layer": layer, "n": n, "init": init}},
                               seed=trainer.config.seed + step, frozen=frozen)
         trainer.swap(res)
+        _touched(touched, res)
         return f"{layer}: {n} filters added ({len(st.uids[layer])} now, init={init}){_group(res)}"
     if op == "delete-filters":
         idx = _check_indices(trainer, layer, args)
@@ -217,6 +236,7 @@ def apply(trainer: Trainer, cmd: Command) -> str:
             res = graph.apply(trainer.model, trainer.optimizer,
                               {"op": op, "args": {"layer": layer, "indices": idx}}, frozen=frozen)
         trainer.swap(res)
+        _touched(touched, res)
         return f"{layer}: filters {idx} deleted ({len(st.uids[layer])} left){_group(res)}"
     if op == "reinit-filters":
         idx = _check_indices(trainer, layer, args)
@@ -225,6 +245,7 @@ def apply(trainer: Trainer, cmd: Command) -> str:
                               {"op": op, "args": {"layer": layer, "indices": idx}},
                               seed=trainer.config.seed + 7919 * (1 + step), frozen=frozen)
         trainer.rebuild(carry=True)
+        _touched(touched, res)
         return f"{layer}: filters {idx} re-initialised{_group(res)}"
     raise SteeringError(f"Unhandled op {op!r}")  # pragma: no cover
 
@@ -237,6 +258,12 @@ def _scope(trainer: Trainer) -> Any:
 
         return nullcontext()
     return scope()
+
+
+def _touched(touched: list[str] | None, res: Any) -> None:
+    """Append the layers a surgery changed (its plan's) to ``touched``."""
+    if touched is not None:
+        touched.extend(c for c in res.plan.layers if c not in touched)
 
 
 def _group(res: Any) -> str:

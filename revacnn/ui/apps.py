@@ -80,9 +80,12 @@ class ReplayApp(Viewer):
     measure = param.Selector(default="grad_l1", objects=list(MEASURES))
     selected = param.Tuple(default=None, allow_None=True, length=2)
 
-    def __init__(self, store_path: str, **params: Any) -> None:
+    def __init__(self, store_path: str, *, lazy: bool | None = None, **params: Any) -> None:
         super().__init__(**params)
         self.data = ReplayData.shared(store_path)
+        #: Show a run first from its light bundle (no ``filters`` rows) and read the rest in a
+        #: thread afterwards (default: inside a served session; `complete` finishes it elsewhere).
+        self.lazy = _in_session() if lazy is None else bool(lazy)
         self.bundle: RunBundle | None = None
         self.frame: NetworkFrame | None = None
         self._gen = 0
@@ -92,6 +95,7 @@ class ReplayApp(Viewer):
         self._starting = True
         self._active_tab = TAB_NAMES[0]
         self._stale: set[str] = set()
+        self._complete_rid = ""
         #: Redraw hidden views on every epoch too (benchmarks: "rebuild every view").
         self.eager = False
         self.picker = RunPicker()
@@ -367,7 +371,7 @@ class ReplayApp(Viewer):
 
     def _load_run_sync(self) -> None:
         try:
-            bundle = self.data.bundle(self.run_id)
+            bundle = self.data.bundle(self.run_id, light=self.lazy)
         except Exception as exc:  # noqa: BLE001
             self._run_failed(exc)
             return
@@ -375,13 +379,17 @@ class ReplayApp(Viewer):
         f = self.frame
         if f is None or f.run_id != bundle.run_id or f.epoch != self.epoch:
             self._show_sync()
+        if bundle.partial and _in_session():
+            # the rest (every epoch's filters rows) after the page is shown, read in a thread
+            self._complete_rid = bundle.run_id
+            pn.state.onload(self._complete_onload)
 
     async def _load_run_async(self) -> None:
         self._gen += 1
         gen = self._gen
         rid = self.run_id
         try:
-            bundle = await asyncio.to_thread(self.data.bundle, rid)
+            bundle = await asyncio.to_thread(self.data.bundle, rid, light=self.lazy)
         except Exception as exc:  # noqa: BLE001
             err = exc
             await run_locked(lambda: self._run_failed(err))
@@ -389,6 +397,37 @@ class ReplayApp(Viewer):
         if gen != self._gen or rid != self.run_id:
             return
         await run_locked(lambda: self._apply_bundle(bundle, choose_epoch=True))
+        await self._show_async()
+        if bundle.partial:
+            await self._complete_async(rid)
+
+    @property
+    def complete_bundle(self) -> bool:
+        """Whether the shown run's bundle is the full one (its ``filters`` rows read)."""
+        return self.bundle is not None and not self.bundle.partial
+
+    def complete(self) -> None:
+        """Replace a partial (first-paint) bundle by the full one now, in the calling thread."""
+        if self.bundle is None or not self.bundle.partial:
+            return
+        self._apply_bundle(self.data.bundle(self.bundle.run_id))
+        self._show_sync()
+
+    async def _complete_onload(self) -> None:
+        await self._complete_async(self._complete_rid)
+
+    async def _complete_async(self, rid: str) -> None:
+        """Read the full bundle in a thread and show it (the measures and histories arrive)."""
+        if self.bundle is None or not self.bundle.partial or self.bundle.run_id != rid:
+            return
+        try:
+            bundle = await asyncio.to_thread(self.data.bundle, rid)
+        except Exception:  # noqa: BLE001 - the page keeps its first paint
+            log.debug("full bundle failed", exc_info=True)
+            return
+        if self.bundle is None or not self.bundle.partial or self.bundle.run_id != rid:
+            return
+        await run_locked(lambda: self._apply_bundle(bundle))
         await self._show_async()
 
     def _run_failed(self, exc: BaseException) -> None:
@@ -477,7 +516,8 @@ class ReplayApp(Viewer):
         if self.bundle is None or self.epoch is None:
             self._apply_frame(NetworkFrame.empty("This run has no committed epoch yet."))
             return
-        self._apply_frame(self.data.frame(self.bundle, self.epoch))
+        # a first paint from a partial bundle leaves the neighbours' prefetch to the full one
+        self._apply_frame(self.data.frame(self.bundle, self.epoch, prefetch=not self.bundle.partial))
 
     async def _show_async(self) -> None:
         if self.bundle is None or self.epoch is None:
@@ -514,8 +554,10 @@ class ReplayApp(Viewer):
     def _apply_frame(self, frame: NetworkFrame) -> None:
         self.frame = frame
         with pn.io.hold():
+            b = self.bundle
+            touched = b.touched(frame.epoch) if b is not None and frame.run_id == b.run_id else {}
             self.network.param.update(frame=frame, probe=min(self.probe, max(frame.n_probes - 1, 0)),
-                                      measure=self.measure)
+                                      measure=self.measure, touched=touched)
             self.probes.probabilities = frame.probabilities
             self.detail.param.update(frame=frame, probe=self.probe)
             self.patterns.epoch = frame.epoch
@@ -607,6 +649,12 @@ class ReplayApp(Viewer):
         return self.data.kernel(self.bundle, self.epoch, layer)
 
 
+def _in_session() -> bool:
+    """Whether this runs inside a served Panel session (a browser page)."""
+    doc = pn.state.curdoc
+    return doc is not None and getattr(doc, "session_context", None) is not None
+
+
 def _session_args() -> dict[str, str]:
     out: dict[str, str] = {}
     try:
@@ -618,11 +666,13 @@ def _session_args() -> dict[str, str]:
     return out
 
 
-def create_replay_app(store_path: str) -> pn.viewable.Viewable:
+def create_replay_app(store_path: str, *, lazy: bool | None = None) -> pn.viewable.Viewable:
     """Build the replay app for one browser session.
 
     Args:
         store_path: the store's folder.
+        lazy: first paint from the run's light bundle, the rest read afterwards (see
+            `ReplayApp`; default: inside a served session).
 
     Returns:
         A servable page (a FastListTemplate): run picker in the sidebar; epoch player and the
@@ -633,7 +683,7 @@ def create_replay_app(store_path: str) -> pn.viewable.Viewable:
         >>> pn.serve({"replay": lambda: create_replay_app("store")})
     """
     pn.extension("tabulator")  # the SQL tab is built on demand: load its table's JavaScript up front
-    app = ReplayApp(store_path)
+    app = ReplayApp(store_path, lazy=lazy)
     app.start_polling()
     tpl = make_template("revacnn · replay", sidebar=app.sidebar(), main=[app])
     tpl.replay_app = app  # type: ignore[attr-defined]  # for tests and notebooks

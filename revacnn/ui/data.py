@@ -18,6 +18,7 @@ in a worker thread so that the server stays responsive.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -46,7 +47,11 @@ __all__ = [
     "StoreWatcher",
     "frame_from_live",
     "timed",
+    "touched_layers",
 ]
+
+#: Steering ops that change a network's structure or weights (filter surgery).
+SURGERY_OPS: tuple[str, ...] = ("add-filters", "delete-filters", "reinit-filters")
 
 #: Per-filter measures the views can show as bars, rings and circle sizes.
 MEASURES: tuple[str, ...] = ("grad_l1", "act_mean", "weight_change_l1")
@@ -149,6 +154,8 @@ class NetworkFrame:
         at: UNIX time the snapshot was published or the epoch committed (0 when unknown).
         paused: whether the trainer was paused (live).
         units: every weighted layer (conv and dense) -> its number of filters or units.
+        partial: built from a partial (first-paint) `RunBundle`: no per-filter measures or
+            embeddings yet.
 
     Example:
         >>> f = NetworkFrame.empty("No run selected")
@@ -174,6 +181,7 @@ class NetworkFrame:
     at: float = 0.0
     paused: bool = False
     units: dict[str, int] = field(default_factory=dict)
+    partial: bool = False
 
     @property
     def conv_layers(self) -> list[str]:
@@ -314,6 +322,47 @@ def frame_from_live(
     )
 
 
+def touched_layers(events: pd.DataFrame | None, upto: int | None, after: int | None = None) -> dict[str, str]:
+    """The layers that applied filter surgery changed in epochs ``after < epoch <= upto``.
+
+    A surgery event's ``args`` name every layer the change touched (``touched``: the plan's
+    layers, recorded by the trainer); older events only name their target ``layer``.
+
+    Args:
+        events: event rows (``kind``, ``status``, ``epoch``, ``args`` JSON).
+        upto: the last epoch included (None: nothing).
+        after: the epoch before the first one included (default: ``upto - 1``).
+
+    Returns:
+        layer -> a short label of the changes (``"add-filters conv1"``; several joined by ``"; "``).
+
+    Example:
+        >>> touched_layers(bundle.events, 3)
+        {'conv1': 'add-filters conv1', 'conv2': 'add-filters conv1'}
+    """
+    if events is None or upto is None or not len(events) or "kind" not in events:
+        return {}
+    lo = int(upto) - 1 if after is None else int(after)
+    ev = events[events["kind"].isin(SURGERY_OPS) & (events["status"] == "applied")]
+    out: dict[str, str] = {}
+    for row in ev.to_dict("records"):
+        e = row.get("epoch")
+        if e is None or _isna(e) or not lo < int(e) <= int(upto):
+            continue
+        raw = row.get("args")
+        try:
+            args = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+        except (TypeError, ValueError):
+            args = {}
+        target = str(args.get("layer", ""))
+        names = args.get("touched") or ([target] if target else [])
+        label = f"{row.get('kind')} {target}".strip()
+        for name in names:
+            name = str(name)
+            out[name] = label if name not in out or label in out[name] else f"{out[name]}; {label}"
+    return out
+
+
 # ============================================================================ run bundle
 @dataclass
 class RunBundle:
@@ -332,6 +381,10 @@ class RunBundle:
         lineage: the run ids from the root down to this run.
         probe_images, probe_labels, class_names: the session's probes.
         stamp: changes whenever the run's records change.
+        partial: True for a first-paint bundle (``ReplayData.bundle(..., light=True)``): its
+            ``filters`` are empty (the largest table: a row per filter per epoch), so frames take
+            the filters' uids and frozen flags from the epoch's arrays and have no measures until
+            the full bundle replaces it.
 
     Example:
         >>> b = ReplayData.shared("store").bundle(run_id)
@@ -356,6 +409,7 @@ class RunBundle:
     class_names: list[str]
     stamp: tuple[Any, ...] = ()
     diagnoses: pd.DataFrame = field(default_factory=pd.DataFrame)
+    partial: bool = False
     _by_epoch_layer: dict[tuple[int, str], dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     _spans: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict, repr=False)
     _order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
@@ -443,6 +497,19 @@ class RunBundle:
         """Whether ``layer`` was frozen as a whole at ``epoch``."""
         row = self._layer_rows.get((int(epoch), layer))
         return bool(row.get("frozen")) if row is not None and not _isna(row.get("frozen")) else False
+
+    def touched(self, epoch: int | None) -> dict[str, str]:
+        """Layers that filter surgery changed between the previous recorded epoch and ``epoch``.
+
+        Example:
+            >>> bundle.touched(3)
+            {'conv1': 'add-filters conv1', 'conv2': 'add-filters conv1'}
+        """
+        eps = self.epochs
+        if epoch is None or epoch not in eps:
+            return {}
+        i = eps.index(epoch)
+        return touched_layers(self.events, epoch, eps[i - 1] if i else epoch - 1)
 
     def filter_history(self, layer: str, uid: int) -> pd.DataFrame:
         """One filter's rows over the full history (by uid), ascending by epoch."""
@@ -782,13 +849,16 @@ class ReplayData:
             self._tables.put(key, hit)
         return hit
 
-    def bundle(self, run_id: str, *, fresh: bool = False) -> RunBundle:
+    def bundle(self, run_id: str, *, fresh: bool = False, light: bool = False) -> RunBundle:
         """The `RunBundle` of ``run_id`` (re-read when the run's records change).
 
         Args:
             run_id: the run.
             fresh: check the run's records now rather than trusting the watcher's version (the
                 live feed, which sees a commit before the watcher's next scan).
+            light: the first page's bundle: everything but the ``filters`` rows (``partial``),
+                unless the full bundle is cached and current. A run of 1,300 epochs x 768
+                filters has a million such rows; the page reads them afterwards, in a thread.
 
         Raises:
             RunNotFoundError: no such run.
@@ -797,6 +867,10 @@ class ReplayData:
         hit = self._bundles.get(run_id)
         if hit is not None and hit.stamp[3] == version and not fresh:
             return hit  # nothing in the store changed since it was read (the watcher says so)
+        if light:
+            lhit = self._bundles.get((run_id, "light"))
+            if lhit is not None and lhit.stamp[3] == version and not fresh:
+                return lhit
         store = self.store
         run = store.run(run_id)
         timeline = run.history()  # the one lineage (also the SQL view timeline's)
@@ -811,16 +885,18 @@ class ReplayData:
         if hit is not None and hit.stamp[:3] == stamp[:3]:
             hit.stamp = stamp
             return hit
-        bundle = self._load_bundle(run, timeline, status, sources, stamp)
-        self._bundles.put(run_id, bundle)
+        bundle = self._load_bundle(run, timeline, status, sources, stamp, light=light)
+        self._bundles.put((run_id, "light") if light else run_id, bundle)
         return bundle
 
     def _load_bundle(
         self, run: Any, timeline: list[tuple[int, str]], status: str,
-        sources: dict[str, list[int]], stamp: tuple[Any, ...],
+        sources: dict[str, list[int]], stamp: tuple[Any, ...], *, light: bool = False,
     ) -> RunBundle:
         store = self.store
-        frames: dict[str, list[pd.DataFrame]] = {"epochs": [], "filters": [], "layers": [], "diagnoses": []}
+        frames: dict[str, list[pd.DataFrame]] = {"epochs": [], "layers": [], "diagnoses": []}
+        if not light:
+            frames["filters"] = []
         for src, epochs in sources.items():
             committed = tuple(store.run(src).epochs())
             for t in frames:
@@ -902,7 +978,7 @@ class ReplayData:
             fork_epoch=run.fork_epoch,
             timeline=timeline,
             metrics=metrics,
-            filters=cat(frames["filters"]),
+            filters=cat(frames.get("filters", [])),
             layers=cat(frames["layers"]),
             events=events,
             diagnoses=cat(frames["diagnoses"]),
@@ -912,6 +988,7 @@ class ReplayData:
             probe_labels=labels,
             class_names=store.class_names(run.session_id),
             stamp=stamp,
+            partial=light,
         )
 
     @staticmethod
@@ -954,6 +1031,7 @@ class ReplayData:
             if cached["__conv__"]:
                 want.append(f"{cached['__conv__'][0]}/kernel")
             want.append("predictions")
+            want += [p for p in extra if p not in want]  # in the same concurrent read
             cached.update(_run_async(_read_many(base, want)))
             self._arrays.put(key, cached)
         missing = [p for p in extra if p not in cached]
@@ -980,7 +1058,7 @@ class ReplayData:
         A missing or corrupt record gives a frame whose ``message`` says so; a layer whose arrays
         cannot be read gets an ``error`` and the other layers still show.
         """
-        key = (bundle.run_id, bundle.stamp[:3], int(epoch))
+        key = (bundle.run_id, bundle.stamp[:3], int(epoch), bundle.partial)
         hit = self._frames.get(key)
         if hit is not None:
             if prefetch:
@@ -999,14 +1077,17 @@ class ReplayData:
             layers=[], probabilities=None, probe_images=bundle.probe_images,
             probe_labels=bundle.probe_labels, class_names=bundle.class_names, epoch=epoch,
             run_id=bundle.run_id, source_run_id=source, label=f"epoch {epoch}",
-            key=(bundle.run_id, epoch, bundle.stamp[:3]),
+            key=(bundle.run_id, epoch, bundle.stamp[:3], bundle.partial), partial=bundle.partial,
         )
         if source is None:
             span = f"{bundle.epochs[0]}..{bundle.epochs[-1]}" if bundle.epochs else "none yet"
             base.message = f"Run {bundle.run_id} has no committed epoch {epoch} (epochs: {span})."
             return base
+        conv = bundle.conv_layers(epoch)
+        # a partial bundle has no filters rows: read the uids and frozen flags with the activations
+        extra = [f"{n}/{a}" for n in conv or [] for a in ("filter_uids", "frozen")] if bundle.partial else []
         try:
-            raw = self._raw(source, epoch, bundle.conv_layers(epoch))
+            raw = self._raw(source, epoch, conv, extra)
         except Exception as exc:  # noqa: BLE001 - a corrupt store must not break the page
             raw = {"__error__": f"The arrays of run {source} epoch {epoch} cannot be read: {_error_text(exc)}"}
         m = bundle.metrics_at(epoch)

@@ -30,7 +30,7 @@ import panel as pn
 import param
 
 from ..errors import RevacnnError
-from .data import MEASURES, NetworkFrame, ReplayData, StoreWatcher
+from .data import MEASURES, NetworkFrame, ReplayData, StoreWatcher, touched_layers
 from .feed import TERMINAL, FeedState, RunFeed
 from .launcher import ForkForm, StartRunForm
 from .theme import MEASURE_LABELS, PAGE_CSS, make_template, status_badge
@@ -39,7 +39,7 @@ from .views.doctor import DoctorPanel, live_diagnoses, suggestion_command
 from .views.embedding import EmbeddingView
 from .views.events import EventLog
 from .views.network import NetworkView
-from .views.steering import SteeringControls, event_args, store_sender
+from .views.steering import SteeringControls, cli_planner, event_args, store_sender
 
 log = logging.getLogger("revacnn.ui")
 
@@ -201,8 +201,9 @@ class LiveApp(pn.viewable.Viewer):
         root = str(self.data.path)
         self.start_form = StartRunForm(store_path=root, enabled=allowed)
         self.fork_form = ForkForm(store_path=root, enabled=allowed)
+        # filter surgery shows its plan (`revacnn steer … --dry-run`) before it is sent
         self.steering = SteeringControls(sender=self._send, fork_form=self.fork_form, allowed=allowed,
-                                         deny_reason=why)
+                                         deny_reason=why, planner=cli_planner(root, lambda: self.run_id))
         self._store_sender: Any = None
         self.steering.param.watch(self._selection_changed, ["layer", "selected"])
         # the replay page's views
@@ -577,6 +578,12 @@ class LiveApp(pn.viewable.Viewer):
         if seen.get("snap_v") != st.snap_v:
             seen["snap_v"] = st.snap_v
             self.batch_curves.param.update(batches=st.batches, n_batches=(cur.n_batches if cur else None))
+        # marked while the frame shown is of the epoch the surgery was applied in or the next one
+        # (or older: the snapshot after the change has not arrived yet)
+        touched = (touched_layers(st.events, 1 << 30, cur.epoch - 2)
+                   if cur is not None and cur.epoch is not None else {})
+        if touched != self.network.touched:
+            self.network.touched = touched  # the layers this epoch's applied surgery changed
         if cur is not None and cur.key != seen.get("frame"):
             seen["frame"] = cur.key
             self.network.frame = cur

@@ -218,6 +218,12 @@ def test_add_and_delete_filters_while_training(tmp_path, keras_mod, tiny_data):
     assert run.status == "finished", run.status_info
     ev = run.events()
     assert (ev.status == "applied").all(), ev.message.tolist()
+    # each surgery event names the layers it changed: the plan of that change on the model before it
+    from revacnn.steering import graph
+
+    touched = [json.loads(a)["touched"] for a in ev.args]
+    assert touched[0] == graph.plan(run.load_model(0), sched[(1, 1)][0]).layers
+    assert touched[0][0] == "conv1" and "conv2" in touched[0]  # the producer, then its consumer
     uids = {e: run.epoch(e).layer("conv1").filter_uids.tolist() for e in (0, 1, 2)}
     assert uids[0] == [0, 1, 2, 3]
     assert uids[1] == [0, 1, 2, 3, 4, 5, 6]  # new filters get new uids

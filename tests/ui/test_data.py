@@ -419,3 +419,85 @@ def test_running_run_is_followed(tmp_path: Path) -> None:
         pool.submit(asyncio.run, app._refresh()).result()
     assert app.bundle.epochs == [0, 1, 2]
     assert app.epoch == 2 and app.network.render_data()["epoch"] == 2  # it was on the last epoch: it follows
+
+
+# ------------------------------------------------------------------------------ lazy first page
+def test_light_bundle_paints_first_and_the_full_one_completes_it(store_dir: tuple[Path, dict[str, str]]) -> None:
+    from revacnn.ui.apps import ReplayApp
+
+    root, ids = store_dir
+    full = ReplayData(root).bundle(ids["fork"])
+    ref = ReplayData(root).frame(full, 1, prefetch=False)  # the reference: from every table
+    data = ReplayData(root)
+    light = data.bundle(ids["fork"], light=True)
+    assert light.partial and light.filters.empty and not full.partial
+    # everything but the filters rows is there
+    assert light.epochs == full.epochs and light.metrics.equals(full.metrics)
+    assert light.layers.equals(full.layers) and len(light.events) == len(full.events)
+    f = data.frame(light, 1, prefetch=False)
+    assert f.partial and f.key != ref.key
+    for lf, rl in zip(f.layers, ref.layers, strict=True):
+        # uids and frozen flags come from the epoch's arrays: the same as the filters rows say
+        assert lf.uids.tolist() == rl.uids.tolist() and lf.frozen.tolist() == rl.frozen.tolist()
+        assert np.array_equal(lf.activations, rl.activations)
+        assert lf.measures == {} and rl.measures
+    # the app: first paint from the light bundle, then the full one (a fresh server: empty caches)
+    ReplayData._instances.pop(str(Path(root).absolute()), None)
+    app = ReplayApp(str(root), lazy=True)
+    assert app.bundle.partial and not app.complete_bundle
+    assert app.network.render_data()["complete"] is False
+    app.complete()
+    assert app.complete_bundle and app.network.render_data()["complete"] is True
+    want = ReplayData(root).frame(full, app.epoch, prefetch=False)
+    for lf, rl in zip(app.frame.layers, want.layers, strict=True):
+        assert set(lf.measures) == set(rl.measures)
+        for m in rl.measures:
+            assert np.array_equal(lf.measures[m], rl.measures[m])
+    # outside a served session the app reads everything at once (as before)
+    assert not ReplayApp(str(root)).bundle.partial
+
+
+# ------------------------------------------------------------------------------ surgery marks
+def _events(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame([{"status": "applied", "batch": 3, **r,
+                          "args": json.dumps(r.get("args", {}))} for r in rows])
+
+
+def test_touched_layers_come_from_applied_surgery_events() -> None:
+    from revacnn.ui.data import touched_layers
+
+    ev = _events([
+        {"epoch": 2, "kind": "add-filters", "args": {"layer": "conv1", "n": 2,
+                                                     "touched": ["conv1", "bn1", "conv2"]}},
+        {"epoch": 2, "kind": "freeze", "args": {"layer": "conv3"}},  # not surgery
+        {"epoch": 2, "kind": "delete-filters", "args": {"layer": "conv3", "indices": [0]},
+         "status": "rejected"},  # not applied
+        {"epoch": 3, "kind": "reinit-filters", "args": {"layer": "conv2", "indices": [1]}},  # no touched: target
+    ])
+    assert touched_layers(ev, 2) == {"conv1": "add-filters conv1", "bn1": "add-filters conv1",
+                                     "conv2": "add-filters conv1"}
+    assert touched_layers(ev, 3) == {"conv2": "reinit-filters conv2"}
+    both = touched_layers(ev, 3, after=1)
+    assert both["conv2"] == "add-filters conv1; reinit-filters conv2" and set(both) == {"conv1", "bn1", "conv2"}
+    assert touched_layers(ev, 1) == {} and touched_layers(None, 2) == {} and touched_layers(ev, None) == {}
+
+
+def test_replay_marks_the_layers_a_surgery_touched(store_dir: tuple[Path, dict[str, str]]) -> None:
+    from revacnn.ui.apps import ReplayApp
+    from revacnn.ui.views.network import NetworkView
+
+    root, ids = store_dir
+    app = ReplayApp(str(root))
+    assert app.run_id == ids["fork"]
+    # the fork's change (add-filters conv2 at its fork point, epoch 1) is marked there only
+    app.show_sync(ids["fork"], 1)
+    layers = {L["name"]: L for L in app.network.render_data()["layers"]}
+    assert layers["conv2"]["touched"] == "add-filters conv2" and layers["conv1"]["touched"] is None
+    app.show_sync(ids["fork"], 2)
+    assert all(L["touched"] is None for L in app.network.render_data()["layers"])
+    assert app.bundle.touched(2) == {} and app.bundle.touched(1) == {"conv2": "add-filters conv2"}
+    # layers without a column (BatchNorm, dense) are listed beside the network
+    view = NetworkView(frame=app.frame, touched={"conv1": "add-filters conv1", "dense1": "add-filters conv1"})
+    d = view.render_data()
+    assert d["layers"][0]["touched"] == "add-filters conv1"
+    assert d["touched_other"] == [{"name": "dense1", "label": "add-filters conv1"}]

@@ -297,6 +297,53 @@ def test_controls_send_resolve_and_explain():
     assert c.send("pause", []) is None and len(sent) == n
 
 
+def test_controls_show_the_plan_before_surgery():
+    sent, planned = [], []
+
+    def sender(op, words):
+        sent.append((op, words))
+        return f"cmd-{len(sent)}"
+
+    def planner(op, words):
+        planned.append((op, words))
+        if op == "reinit-filters":
+            raise ValueError("conv1 feeds softmax: refused")
+        return f"plan: {op} {words[0]}\n  conv1 (Conv2D, producer) out 4->6 new 4-5\n  conv2 (Conv2D, consumer)"
+
+    c = SteeringControls(sender=sender, planner=planner)
+    c.update_state(run_id="run-1", status="running", layers={"conv1": 4}, conv_layers=["conv1"],
+                   frozen_layers=[], frozen_filters={})
+    # freezing is not surgery: sent at once
+    c.btn_freeze.clicks += 1
+    assert sent == [("freeze", ["conv1"])] and not planned and not c.plan_box.visible
+    # add-filters: the plan first, every layer it touches; nothing sent until Apply
+    c.add_n.value = 2
+    c.btn_add.clicks += 1
+    assert planned == [("add-filters", ["conv1", "2"])] and len(sent) == 1
+    assert c.plan_box.visible and "conv2 (Conv2D, consumer)" in c.plan_text.object
+    assert not c.btn_plan_apply.disabled and c.btn_plan_apply.label == "Apply"
+    c.btn_plan_apply.clicks += 1
+    assert sent[-1] == ("add-filters", ["conv1", "2"]) and not c.plan_box.visible and "cmd-2" in c.pending
+    # cancel drops it
+    c.indices.value = "1"
+    c.btn_delete.clicks += 1
+    assert planned[-1] == ("delete-filters", ["conv1", "1"]) and c.plan_box.visible
+    c.btn_plan_cancel.clicks += 1
+    assert not c.plan_box.visible and len(sent) == 2 and c.apply_plan() is None
+    # a refusal in the plan is shown; the user may still send it (the trainer decides)
+    c.btn_reinit.clicks += 1
+    assert "would be refused" in c.plan_text.object and "softmax" in c.plan_text.object
+    assert c.btn_plan_apply.label == "Send anyway"
+    c.btn_plan_apply.clicks += 1
+    assert sent[-1] == ("reinit-filters", ["conv1", "1"])
+    # without a planner (or a run to steer) nothing is planned
+    c.update_state(run_id="run-1", status="finished", layers={"conv1": 4}, conv_layers=["conv1"],
+                   frozen_layers=[], frozen_filters={})
+    n = len(planned)
+    c.preview("add-filters", ["conv1", "1"])
+    assert len(planned) == n and not c.plan_box.visible and "finished" in c.result.object
+
+
 def test_controls_disabled_without_permission():
     c = SteeringControls(sender=lambda op, w: "x", allowed=False, deny_reason="no auth here")
     c.update_state(run_id="run-1", status="running", layers={"conv1": 4}, conv_layers=["conv1"],
@@ -354,12 +401,37 @@ def test_app_attaches_steers_and_follows_to_the_end(tmp_path):
         _wait(lambda: (app.refresh() or True)
               and app.network.render_data()["layers"][0]["layer_frozen"])
         assert app.steering.btn_unfreeze.disabled is False
-        # delete every filter of conv1: refused with its reason
+        # filter surgery shows its plan first (here a stand-in for `revacnn steer … --dry-run`):
+        # nothing is queued until "Apply"
+        plans: list = []
+        app.steering.planner = lambda op, words: plans.append((op, words)) or f"plan: {op} {words[0]}"
+        queue = store.layout.commands_dir(w.run_id)
+        n_queued = len(list(queue.glob("*.json")))
         app.steering.select("conv1", [0, 1, 2, 3])
         app.steering.btn_delete.clicks += 1
+        assert plans == [("delete-filters", ["conv1", "0", "1", "2", "3"])]
+        assert app.steering.plan_box.visible and "plan: delete-filters conv1" in app.steering.plan_text.object
+        assert len(list(queue.glob("*.json"))) == n_queued
+        # delete every filter of conv1: refused with its reason
+        app.steering.btn_plan_apply.clicks += 1
+        assert not app.steering.plan_box.visible and len(list(queue.glob("*.json"))) == n_queued + 1
         _answer_commands(w)
         _wait(lambda: (app.refresh() or True) and "rejected" in app.steering.result.object)
         assert "Cannot delete every filter" in app.steering.result.object
+        assert app.network.touched == {}  # a rejected change touched nothing
+        # an applied surgery marks every layer it touched (the event's args name them)
+        app.steering.select("conv2", [])
+        app.steering.add_n.value = 2
+        app.steering.btn_add.clicks += 1
+        app.steering.btn_plan_apply.clicks += 1
+        for cmd, cid, _err in CommandQueue(w.store, w.run_id).pop():
+            w.write_event(event_id=cid, epoch=1, batch=5, kind=cmd.op, status="applied", message="added",
+                          args={**cmd.args, "touched": ["conv2", "dense1"]}, sent_at=cmd.sent_at)
+        _wait(lambda: (app.refresh() or True) and bool(app.network.touched))
+        assert app.network.touched == {"conv2": "add-filters conv2", "dense1": "add-filters conv2"}
+        d = app.network.render_data()
+        assert [L["touched"] for L in d["layers"]] == [None, "add-filters conv2"]
+        assert d["touched_other"] == [{"name": "dense1", "label": "add-filters conv2"}]
         # the run ends: steering disabled, replay offered
         _commit(w, 1, np.random.default_rng(2), frozen=("conv1",))
         w.set_status("finished")

@@ -9,6 +9,7 @@ training continues; "Stop training" ends the run and the page offers replay.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -237,9 +238,35 @@ def test_click_a_tile_then_delete_it_shows_the_new_count(pages: list[Any], store
     assert page.locator(".rv-layer-select select").input_value() == "conv2"
     page.locator('.rv-grid-acts .rv-tile.rv-selected[data-click="conv2:3"]').wait_for()
     page.get_by_role("button", name="Delete filters", exact=True).click()
+    # the plan first (`revacnn steer … --dry-run`, which starts TensorFlow): every layer it touches,
+    # and nothing is sent before "Apply"
+    plan = page.locator(".rv-plan-text")
+    plan.wait_for(timeout=180_000)
+    text = plan.inner_text()
+    assert "plan: delete-filters conv2" in text and "conv3 (Conv2D, consumer)" in text, text
+    assert "delete 3" in text, text
+    ev = store.run(run_id).events()
+    assert not (ev["kind"] == "delete-filters").any()  # not sent yet
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator(".rv-plan-box").screenshot(path=str(SHOTS / "live-plan.png"))
+    page.locator(".rv-plan-apply button").click()
     result_text(page, r"applied.*deleted")
+    # the event names the layers the surgery changed, and both pages mark them
+    ev = store.run(run_id).events()
+    row = ev[ev["kind"] == "delete-filters"].iloc[-1]
+    touched = json.loads(row["args"])["touched"]
+    assert touched[0] == "conv2" and "conv3" in touched, touched
     for p in (page, other):
-        p.locator('.rv-layer[data-layer="conv2"]').get_by_text("19 filters").first.wait_for()
+        try:
+            p.locator('.rv-layer.rv-touched[data-layer="conv2"]').wait_for()
+        except Exception:
+            net = p.locator(".rv-net").first
+            raise AssertionError(f"no mark: page at epoch {net.get_attribute('data-epoch')}, event "
+                                 f"at {row['epoch']}/{row['batch']}: {progress(p)}") from None
+        p.locator('.rv-layer.rv-touched[data-layer="conv3"]').wait_for()
+        assert p.locator('.rv-layer.rv-touched[data-layer="conv1"]').count() == 0
+    for p in (page, other):  # the next snapshot: the trainer retraces its step after the surgery
+        p.locator('.rv-layer[data-layer="conv2"]').get_by_text("19 filters").first.wait_for(timeout=120_000)
     run = store.run(run_id)
     last = wait_store(lambda: [e for e in run.epochs()
                                if len(run.epoch(e).layer("conv2").filter_uids) == 19])
@@ -254,6 +281,8 @@ def test_deleting_every_filter_is_refused_and_training_continues(pages: list[Any
     page.locator(".rv-filter-hint").get_by_text("cannot apply").wait_for()
     before = progress(page)
     page.get_by_role("button", name="Delete filters", exact=True).click()
+    page.locator(".rv-plan-box .rv-plan-text, .rv-plan-box .rv-plan-refused").first.wait_for(timeout=180_000)
+    page.locator(".rv-plan-apply button").click()
     result_text(page, r"rejected.*Cannot delete every filter of conv3")
     wait_progress_after(page, progress(page))
     assert progress(page) > before
@@ -283,7 +312,7 @@ def test_stop_from_the_page_then_replay_is_offered(pages: list[Any], store: Any,
     page.get_by_role("button", name="Stop training", exact=True).click()
     for p in (page, other):
         banner = p.locator(".rv-run-ended")
-        banner.get_by_text("stopped").first.wait_for(timeout=60_000)
+        banner.get_by_text("stopped").first.wait_for(timeout=120_000)  # slow under load
         assert f"replay?run={run_id}" in banner.locator("a").first.get_attribute("href")
         expect(p.get_by_role("button", name="Pause", exact=True)).to_be_disabled(timeout=TIMEOUT_MS)
     assert store.run(run_id).status == "stopped"

@@ -205,6 +205,29 @@ def test_player_changes_epoch_and_tiles(page: Any, server: str, recorded: dict[s
     _shot(page.locator(".rv-patterns"), "patterns")
 
 
+def test_the_fork_marks_the_layers_its_surgery_touched(page: Any, server: str, recorded: dict[str, Any]) -> None:
+    import json
+
+    import revacnn
+
+    # the fork's add-filters event names every layer the surgery changed (the trainer's plan)
+    ev = revacnn.open_store(recorded["store"], mode="r").run(recorded["fork"]).events()
+    touched = json.loads(ev[ev["kind"] == "add-filters"].iloc[0]["args"])["touched"]
+    assert touched[0] == "conv2" and "dense1" in touched and "conv1" not in touched, touched
+    _open(page, f"{server}/main?run={recorded['fork']}&epoch=1", ".rv-tab-network .rv-net[data-epoch='1']")
+    page.locator('.rv-tab-network .rv-layer.rv-touched[data-layer="conv2"]').first.wait_for()
+    assert page.locator('.rv-tab-network .rv-layer.rv-touched[data-layer="conv1"]').count() == 0
+    assert "dense1" in _text(page.locator(".rv-tab-network .rv-touched-other"))
+    assert "add-filters conv2" in _text(page.locator(".rv-tab-network .rv-layer-touched"))
+    # the first paint is lazy (no filters rows); the rest arrives by itself
+    page.wait_for_selector(".rv-tab-network .rv-net[data-complete='1']")
+    _shot(page.locator(".rv-tab-network .rv-network").first, "replay-touched")
+    # the next epoch: no surgery there
+    page.locator(".rv-epoch-player .rv-next").click()
+    page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='2']")
+    assert page.locator(".rv-tab-network .rv-layer.rv-touched").count() == 0
+
+
 def test_class_probabilities_fit_at_1500_px(browser: Any, server: str, recorded: dict[str, Any]) -> None:
     """At 1,500 px the probability column is inside the page (it wraps below the layers if need be)."""
     ctx = browser.new_context(viewport={"width": 1500, "height": 1000})

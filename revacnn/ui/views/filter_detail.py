@@ -109,6 +109,18 @@ class FilterDetail(Viewer):
                                        **{f"{m}_n": [] for m in HISTORY_MEASURES}})
         self.overlays = EpochOverlays()
         self._xr = Range1d(-0.5, 1.5)
+        self.figure: Any = None  # built when a filter with a history is first shown (a faster first page)
+        # (toggle a Column around the plot: toggling a Bokeh pane's own visibility fails in Panel 1.9)
+        self._fig_pane = pn.Column(sizing_mode="stretch_width", visible=False)
+        self._layout = pn.Column(self._html, self._fig_pane, sizing_mode="stretch_width",
+                                 css_classes=["rv-filter-detail-view"])
+        self.param.watch(self._refresh, ["frame", "selected", "history", "probe"])
+        self._refresh()
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self._layout
+
+    def _build_figure(self) -> None:
         fig = make_figure("", "relative to its max", height=200, x_range=self._xr, y_range=Range1d(-0.03, 1.08))
         self.overlays.attach(fig)
         colors = {**MEASURE_COLORS, "weight_l2": "#64748B"}
@@ -123,16 +135,7 @@ class FilterDetail(Viewer):
         fig.legend.click_policy = "hide"
         fig.legend.background_fill_alpha = 0.6
         self.figure = fig
-        # (toggle a Column around the plot: toggling a Bokeh pane's own visibility fails in Panel 1.9)
-        self._fig_pane = pn.Column(pn.pane.Bokeh(fig, sizing_mode="stretch_width"), sizing_mode="stretch_width",
-                                   visible=False)
-        self._layout = pn.Column(self._html, self._fig_pane, sizing_mode="stretch_width",
-                                 css_classes=["rv-filter-detail-view"])
-        self.param.watch(self._refresh, ["frame", "selected", "history", "probe"])
-        self._refresh()
-
-    def __panel__(self) -> pn.viewable.Viewable:
-        return self._layout
+        self._fig_pane.objects = [pn.pane.Bokeh(fig, sizing_mode="stretch_width")]
 
     def render_data(self) -> dict[str, Any]:
         """The JSON the browser draws."""
@@ -217,6 +220,8 @@ class FilterDetail(Viewer):
         if len(ep):
             self._xr.start, self._xr.end = float(np.nanmin(ep)) - 0.5, max(float(np.nanmax(ep)), float(np.nanmin(ep)) + 1) + 0.5
         self.overlays.set_epoch(self.frame.epoch if self.frame is not None else None)
+        if len(g) and self.figure is None:
+            self._build_figure()
         self._fig_pane.visible = bool(len(g))
 
 

@@ -47,6 +47,11 @@ _CSS = """
 .rv-layer-doc { font-size:11px; color:#fff; border-radius:999px; padding:0 7px; margin-left:3px; }
 .rv-layer-frozen { font-size:11px; color:#fff; background:var(--rv-frozen); border-radius:999px; padding:0 7px; }
 .rv-layer-error { max-width:240px; font-size:12px; }
+.rv-layer.rv-touched { outline:2px dashed var(--rv-added); outline-offset:4px; border-radius:4px; }
+.rv-layer-touched { font-size:11px; color:#fff; background:var(--rv-added); border-radius:999px; padding:0 7px;
+  margin-left:3px; }
+.rv-touched-other { font-size:11.5px; color:var(--rv-muted); margin:0 0 6px 2px; }
+.rv-touched-layer { font-weight:600; color:var(--rv-fg); border-bottom:2px dashed var(--rv-added); }
 .rv-probs { min-width:170px; }
 .rv-prob { display:grid; grid-template-columns: 92px 1fr 38px; gap:6px; align-items:center; font-size:11.5px;
   margin:2px 0; }
@@ -88,12 +93,14 @@ if (!el._tips) {  // tooltips are built on hover, from the latest data (cheaper 
   });
 }
 const struct = JSON.stringify([data.message ? 1 : 0, !!data.probe_img, data.compact, data.selected_set,
-  data.layers.map((L) => [L.name, L.n, L.cols, L.tile, L.layer_frozen, L.error, L.uids, L.frozen, L.added, L.deleted, !!L.weights, L.badges, L.layer_badges]),
+  data.layers.map((L) => [L.name, L.n, L.cols, L.tile, L.layer_frozen, L.error, L.uids, L.frozen, L.added, L.deleted, !!L.weights, L.badges, L.layer_badges, L.touched]),
+  data.touched_other,
   (data.probs || []).map((p) => [p.name, p.true])]);
 if (el._struct === struct) {
   // Same network, another epoch or probe: swap the pictures and numbers in place.
   const net = el.querySelector('.rv-net');
   net.dataset.epoch = data.epoch ?? ''; net.dataset.probe = data.probe ?? ''; net.dataset.key = data.key ?? '';
+  net.dataset.complete = data.complete ? '1' : '0';
   const msg = el.querySelector('.rv-net-message'); if (msg) msg.textContent = data.message;
   const img = el.querySelector('.rv-probe-img'); if (img) img.src = data.probe_img;
   const pt = el.querySelector('.rv-probe-col .rv-col-title'); if (pt) pt.textContent = data.probe_title;
@@ -127,16 +134,20 @@ if (el._struct === struct) {
 el._struct = struct;
 const parts = [];
 if (data.message) parts.push(`<div class="${data.layers.length ? 'rv-alert' : 'rv-empty'} rv-net-message">${E(data.message)}</div>`);
-parts.push(`<div class="rv-net ${data.compact ? 'rv-compact' : ''}" data-epoch="${E(data.epoch)}" data-probe="${E(data.probe)}" data-key="${E(data.key)}">`);
+if (data.touched_other && data.touched_other.length) {
+  parts.push(`<div class="rv-touched-other">also changed by filter surgery at this epoch: ${data.touched_other.map((t) =>
+    `<span class="rv-touched-layer" data-layer="${E(t.name)}" title="${E(t.label)}">${E(t.name)}</span>`).join(', ')}</div>`);
+}
+parts.push(`<div class="rv-net ${data.compact ? 'rv-compact' : ''}" data-epoch="${E(data.epoch)}" data-probe="${E(data.probe)}" data-key="${E(data.key)}" data-complete="${data.complete ? 1 : 0}">`);
 if (data.probe_img) {
   parts.push(`<div class="rv-col rv-probe-col"><div class="rv-col-title">${E(data.probe_title)}</div>
     <img class="rv-probe-img" src="${data.probe_img}" alt="probe">
     <div class="rv-col-sub">${E(data.label)}</div></div>`);
 }
 data.layers.forEach((L, j) => {
-  parts.push(`<div class="rv-col rv-layer" data-layer="${E(L.name)}">`);
+  parts.push(`<div class="rv-col rv-layer${L.touched ? ' rv-touched' : ''}" data-layer="${E(L.name)}"${L.touched ? ` data-touched="${E(L.touched)}"` : ''}>`);
   parts.push(`<div class="rv-col-title">${E(L.name)} <span class="rv-col-sub">${L.n} filters</span>
-     ${L.layer_frozen ? '<span class="rv-layer-frozen">frozen</span>' : ''}${(L.layer_badges || []).map((b) =>
+     ${L.layer_frozen ? '<span class="rv-layer-frozen">frozen</span>' : ''}${L.touched ? `<span class="rv-layer-touched" title="changed by ${E(L.touched)} at this epoch">✂ ${E(L.touched)}</span>` : ''}${(L.layer_badges || []).map((b) =>
        `<span class="rv-layer-doc" data-kind="${E(b.kind)}" style="background:${b.color}" title="doctor: ${E(b.kind)}">${E(b.kind)}</span>`).join('')}</div>`);
   if (L.error) { parts.push(`<div class="rv-alert rv-layer-error">${E(L.error)}</div></div>`); return; }
   const grids = [['acts', L.sprite, L.sig]];
@@ -182,7 +193,7 @@ parts.push('</div>');
 if (data.layers.length) {
   parts.push(`<div class="rv-legend"><span class="rv-legend-measure"><i style="background:${data.measure_color}"></i>bar: ${E(data.measure_label)} (relative to the layer's max)</span>
     <span><i style="background:var(--rv-frozen)"></i>frozen</span><span><i style="background:var(--rv-added)"></i>added this epoch</span>
-    <span><i style="border:1px dashed var(--rv-deleted)"></i>deleted</span>${data.has_findings ? '<span><i style="border-radius:50%;background:#dc2626"></i>doctor finding (see the Doctor panel)</span>' : ''}<span>tile: activation map of the probe (click for details)</span></div>`);
+    <span><i style="border:1px dashed var(--rv-deleted)"></i>deleted</span>${data.layers.some((L) => L.touched) ? '<span><i style="border:2px dashed var(--rv-added)"></i>layer changed by filter surgery at this epoch</span>' : ''}${data.has_findings ? '<span><i style="border-radius:50%;background:#dc2626"></i>doctor finding (see the Doctor panel)</span>' : ''}<span>tile: activation map of the probe (click for details)</span></div>`);
 }
 el.innerHTML = parts.join('');
 """
@@ -324,6 +335,8 @@ class NetworkView(Viewer):
     findings = param.List(default=[], item_type=dict,
                           doc="doctor findings to badge: dicts with 'layer', 'uid' ('' or None: the "
                               "layer) and 'kind' (e.g. `DoctorPanel.rows()`).")
+    touched = param.Dict(default={}, doc="layer -> label of the filter surgery that changed it at this "
+                                         "frame's epoch (`RunBundle.touched`): those layers are marked.")
     clicks = param.Integer(default=0, doc="Counts tile clicks (a click on the selected tile counts too).")
     width_per_layer = param.Integer(default=300, bounds=(80, 800), doc="Pixel budget of a layer column.")
     compact = param.Boolean(default=False, doc="Smaller probe image and probability column (side by side).")
@@ -334,7 +347,8 @@ class NetworkView(Viewer):
         self._canvas = NetworkCanvas(sizing_mode="stretch_width", css_classes=["rv-network"])
         self._canvas.param.watch(self._on_click, "clicked")
         self.param.watch(self._refresh, ["frame", "probe", "measure", "show_weights", "selected",
-                                         "selection", "width_per_layer", "empty_message", "compact", "findings"])
+                                         "selection", "width_per_layer", "empty_message", "compact", "findings",
+                                         "touched"])
         self._refresh()
 
     def __panel__(self) -> pn.viewable.Viewable:
@@ -361,6 +375,7 @@ class NetworkView(Viewer):
         out: dict[str, Any] = {
             "rev": _next_rev(),
             "epoch": f.epoch,
+            "complete": not f.partial,
             "label": f.label,
             "probe": probe,
             "message": f.message,
@@ -391,6 +406,8 @@ class NetworkView(Viewer):
             else:
                 by_uid.setdefault((str(d.get("layer")), int(uid)), badge)
         out["has_findings"] = bool(by_uid or by_layer)
+        shown = {lf.name for lf in f.layers}
+        out["touched_other"] = [{"name": k, "label": v} for k, v in self.touched.items() if k not in shown]
         for lf in f.layers:
             n = lf.n_filters
             cols, tile = _grid_shape(n, self.width_per_layer)
@@ -404,6 +421,7 @@ class NetworkView(Viewer):
                 "error": lf.error,
                 "badges": [by_uid.get((lf.name, int(u))) for u in lf.uids] if by_uid else None,
                 "layer_badges": by_layer.get(lf.name, []),
+                "touched": self.touched.get(lf.name),
             }
             if lf.error is None and (lf.activations is None or not P):
                 entry["error"] = f"{lf.name}: no activation maps in this record."

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import time
@@ -25,12 +26,21 @@ import panel as pn
 import param
 
 from ..theme import FROZEN
+from ._component import run_locked
 
 #: Seconds after which a command without an event is reported as unanswered.
 ANSWER_TIMEOUT_S = 30.0
 
 Sender = Callable[[str, list[str]], str]
 """``sender(op, words) -> command_id``: parses and queues one command (raises on bad input)."""
+
+Planner = Callable[[str, list[str]], str]
+"""``planner(op, words) -> plan text``: the surgery plan of a command (what ``revacnn steer …
+--dry-run`` prints); raises with the reason when the change would be refused. Blocking: the
+controls call it in a worker thread."""
+
+#: Ops whose plan is shown, and confirmed, before they are sent.
+PLANNED_OPS = ("add-filters", "delete-filters", "reinit-filters")
 
 
 @dataclass
@@ -107,9 +117,13 @@ class SteeringControls(pn.viewable.Viewer):
     selected = param.List(default=[], item_type=int, doc="selected filter indices of `layer`")
 
     def __init__(self, *, sender: Sender | None = None, fork_form: pn.viewable.Viewer | None = None,
-                 **params: Any) -> None:
+                 planner: Planner | None = None, **params: Any) -> None:
         super().__init__(**params)
         self.sender = sender
+        #: With a planner, filter surgery (`PLANNED_OPS`) shows its plan first; "Apply" sends it.
+        self.planner = planner
+        self.planned: tuple[str, list[str]] | None = None
+        self._plan_gen = 0
         self.pending: dict[str, Pending] = {}
         self.history: list[dict[str, Any]] = []
         self._seen_events: set[str] = set()
@@ -144,6 +158,20 @@ class SteeringControls(pn.viewable.Viewer):
         self.result = pn.pane.Alert("", alert_type="light", visible=False, margin=(5, 5),
                                     css_classes=["rv-steer-result"])
         self.log = pn.pane.HTML("", margin=(0, 5), css_classes=["rv-steer-history"])
+        self.plan_text = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 5), css_classes=["rv-plan"])
+        self.btn_plan_apply = W.Button(label="Apply", color="danger", css_classes=["rv-plan-apply"],
+                                       disabled=True)
+        self.btn_plan_cancel = W.Button(label="Cancel", color="light", css_classes=["rv-plan-cancel"])
+        self.plan_box = pn.Column(
+            pn.pane.HTML("<b>Surgery plan</b> <span style='color:var(--rv-muted);font-size:11px'>every layer "
+                         "and channel this change touches; nothing is sent until you apply it</span>",
+                         margin=(0, 5)),
+            self.plan_text, pn.Row(self.btn_plan_apply, self.btn_plan_cancel, sizing_mode="stretch_width"),
+            visible=False, sizing_mode="stretch_width", css_classes=["rv-plan-box"],
+            styles={"border": "1px solid var(--rv-border, #ccc)", "border-radius": "8px", "padding": "4px"},
+        )
+        self.btn_plan_apply.on_click(lambda _e: self.apply_plan())
+        self.btn_plan_cancel.on_click(lambda _e: self.cancel_plan())
         self.fork_form = fork_form
         self.fork_card = pn.Card(pn.pane.HTML("…"), title="Fork", collapsed=True,
                                  visible=fork_form is not None, sizing_mode="stretch_width",
@@ -155,6 +183,7 @@ class SteeringControls(pn.viewable.Viewer):
         self.btn_freeze.on_click(lambda _e: self._send_layer("freeze"))
         self.btn_unfreeze.on_click(lambda _e: self._send_layer("unfreeze"))
         self.btn_add.on_click(lambda _e: self._send_layer("add-filters", [str(self.add_n.value or 1)]))
+        # (delete/reinit/add go through `request`: with a planner they show their plan first)
         self.btn_all.on_click(lambda _e: self._select_all())
         self.btn_none.on_click(lambda _e: setattr(self, "selected", []))
         self.btn_ffreeze.on_click(lambda _e: self._send_filters("freeze-filters"))
@@ -182,6 +211,7 @@ class SteeringControls(pn.viewable.Viewer):
             self.indices, pn.Row(self.btn_all, self.btn_none, **box), self.filter_hint,
             pn.Row(self.btn_ffreeze, self.btn_funfreeze, **box),
             pn.Row(self.btn_delete, self.btn_reinit, **box),
+            self.plan_box,
             pn.layout.Divider(),
             pn.pane.HTML("<b>Run</b>", margin=(0, 5)),
             pn.Row(self.lr_input, self.btn_lr, **box),
@@ -261,16 +291,94 @@ class SteeringControls(pn.viewable.Viewer):
         self._show("info", f"sent <code>{html.escape(p.label)}</code>; waiting for the trainer…")
         return cid
 
+    def request(self, op: str, words: list[str]) -> str | None:
+        """What a button does: filter surgery with a planner shows its plan (`preview`), the rest is sent.
+
+        Returns:
+            The command id when it was sent now, else None.
+        """
+        if op in PLANNED_OPS and self.planner is not None:
+            self.preview(op, words)
+            return None
+        return self.send(op, words)
+
+    def preview(self, op: str, words: list[str]) -> None:
+        """Show the surgery plan of ``op words`` with Apply / Cancel (the plan is read in a thread).
+
+        Example:
+            >>> c.preview("add-filters", ["conv1", "2"])   # then c.apply_plan() sends it
+        """
+        why = self._why_not()
+        if why:
+            self._show("warning", html.escape(why))
+            return
+        self._plan_gen += 1
+        gen = self._plan_gen
+        self.planned = (op, list(words))
+        label = html.escape(" ".join([op, *words]))
+        self.plan_text.object = (f"<div class='rv-plan-wait' style='font-size:12px'>planning <code>{label}</code> "
+                                 "against the run's last recorded epoch…</div>")
+        self.btn_plan_apply.disabled = True
+        self.btn_plan_apply.label = "Apply"
+        self.plan_box.visible = True
+        planner = self.planner
+        assert planner is not None
+
+        def done(text: str | None, error: str | None) -> None:
+            if gen != self._plan_gen or self.planned is None:
+                return  # cancelled, or another preview replaced it
+            if error is None:
+                self.plan_text.object = (
+                    f"<pre class='rv-plan-text' data-op='{html.escape(op)}' style='font-size:11.5px;"
+                    f"white-space:pre-wrap;margin:4px 0'>{html.escape(text or '')}</pre>")
+                self.btn_plan_apply.label = "Apply"
+            else:
+                self.plan_text.object = (
+                    f"<div class='rv-plan-refused' style='font-size:12px;color:#b42318'><b>the plan says "
+                    f"this change would be refused</b>: {html.escape(error)}</div>")
+                self.btn_plan_apply.label = "Send anyway"
+            self.btn_plan_apply.disabled = False
+
+        if _in_session():
+            async def work() -> None:
+                try:
+                    text, err = await asyncio.to_thread(planner, op, list(words)), None
+                except Exception as exc:  # noqa: BLE001 - shown in the plan box
+                    text, err = None, str(exc) or type(exc).__name__
+                await run_locked(lambda: done(text, err))
+
+            pn.state.execute(work)
+        else:
+            try:
+                done(planner(op, list(words)), None)
+            except Exception as exc:  # noqa: BLE001
+                done(None, str(exc) or type(exc).__name__)
+
+    def apply_plan(self) -> str | None:
+        """Send the previewed change (the "Apply" button)."""
+        if self.planned is None:
+            return None
+        op, words = self.planned
+        self.cancel_plan()
+        return self.send(op, words)
+
+    def cancel_plan(self) -> None:
+        """Drop the previewed change (the "Cancel" button)."""
+        self.planned = None
+        self._plan_gen += 1
+        self.plan_box.visible = False
+        self.btn_plan_apply.disabled = True
+
     def _send_layer(self, op: str, extra: list[str] | None = None) -> None:
         if self.layer:
-            self.send(op, [self.layer, *(extra or [])])
+            self.request(op, [self.layer, *(extra or [])])
 
     def _send_filters(self, op: str) -> None:
         if not self.layer or not self.selected:
             self._show("warning", "Select filters first: click tiles or points in the embedding "
                                   "or type indices.")
             return
-        self.send(op, [self.layer, *[str(i) for i in sorted(self.selected)]])
+        self.request(op, [self.layer, *[str(i) for i in sorted(self.selected)]])
 
     def _send_lr(self) -> None:
         v = self.lr_input.value
@@ -433,6 +541,53 @@ class SteeringControls(pn.viewable.Viewer):
 
     def __panel__(self) -> pn.viewable.Viewable:
         return self._layout
+
+
+def _in_session() -> bool:
+    doc = pn.state.curdoc
+    return doc is not None and getattr(doc, "session_context", None) is not None
+
+
+def cli_planner(store_path: str, run_id_getter: Callable[[], str | None], *,
+                timeout_s: float = 180.0) -> Planner:
+    """A `Planner` that runs ``revacnn steer STORE RUN OP WORDS --dry-run`` in a subprocess.
+
+    The plan is the trainer's own (`revacnn.trainer.preview` over `revacnn.steering.graph`, against
+    the run's last recorded epoch); the UI never imports the trainer or TensorFlow, so it asks the
+    command line, as a user would.
+
+    Raises:
+        RevacnnError: the dry run refused the change (its one-line reason) or failed.
+
+    Example:
+        >>> planner = cli_planner("store", lambda: "run-…")
+        >>> print(planner("add-filters", ["conv1", "2"]))
+    """
+    import subprocess
+    import sys
+
+    from ...errors import RevacnnError
+
+    def _plan(op: str, words: list[str]) -> str:
+        run_id = run_id_getter()
+        if not run_id:
+            raise RevacnnError("No run attached")
+        words = list(words)
+        extra: list[str] = []
+        if op == "add-filters" and len(words) > 2:
+            extra = ["--init", words.pop()]
+        cmd = [sys.executable, "-m", "revacnn.cli", "steer", "--store", str(store_path), run_id, op,
+               *words, *extra, "--dry-run"]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            raise RevacnnError(f"the dry run took longer than {timeout_s:g} s") from None
+        if res.returncode != 0:
+            lines = [ln for ln in (res.stderr or res.stdout).strip().splitlines() if ln.strip()]
+            raise RevacnnError(lines[-1] if lines else f"the dry run exited with {res.returncode}")
+        return res.stdout.strip()
+
+    return _plan
 
 
 def store_sender(store: Any, run_id_getter: Callable[[], str | None]) -> Sender:
