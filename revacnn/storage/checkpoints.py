@@ -338,6 +338,12 @@ def collect(store: Any, *, dry_run: bool = False, every: int | None = None) -> l
     """
     from ._tables import committed_epochs
 
+    if getattr(store, "url", None):
+        raise StoreError(
+            f"Received: store={store.url!r}; `revacnn gc` works on a store folder (its local cache of an "
+            "object store holds only what this machine fetched): run it where the store is a folder, or "
+            "thin the bucket with your object store's lifecycle rules"
+        )
     points = fork_points(store)
     items: list[GcItem] = []
     for rid in store.run_ids():

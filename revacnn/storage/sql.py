@@ -154,7 +154,10 @@ def sandboxed_connection(
             "allow_community_extensions": False,
         },
     )
-    con.execute("SET enable_progress_bar = false")  # it would print into the CLI's output (CSV, JSON)
+    try:  # it would print into the CLI's output (CSV, JSON)
+        con.execute("SET enable_progress_bar = false")
+    except duckdb.Error:  # in Jupyter without ipywidgets DuckDB refuses to touch the setting at all
+        pass
     load(con)
     if allowed_paths:
         paths = ", ".join("'" + str(p).replace("'", "''") + "'" for p in allowed_paths)

@@ -217,6 +217,17 @@ class Store:
         names = self._mirror.backend.list(f"runs/{run_id}/checkpoints/")
         return {e for k in names if (e := ckpt_epoch(k.rsplit("/", 1)[-1])) is not None}
 
+    def checkpoint_epochs_of(self, run_id: str) -> list[int]:
+        """The epochs ``run_id`` itself holds a checkpoint for (in the folder, or on the object store).
+
+        Example:
+            >>> store.checkpoint_epochs_of(run.run_id)
+            [0, 5, 10]
+        """
+        from .checkpoints import checkpoint_epochs
+
+        return sorted(set(checkpoint_epochs(self.layout, run_id)) | self._remote_checkpoints(run_id))
+
     def _ensure(self, prefix: str) -> None:
         """Fetch the objects below ``prefix`` (arrays of a committed epoch, a checkpoint) into the cache."""
         if self._mirror is not None:
@@ -697,15 +708,13 @@ class Run:
             >>> run.checkpoint_epochs()
             [0, 5, 10]
         """
-        from .checkpoints import checkpoint_epochs
 
         own = {}
         for e, source in self.history():
             own.setdefault(source, set()).add(e)
         out = []
         for source, epochs in own.items():
-            have = set(checkpoint_epochs(self.store.layout, source)) | self.store._remote_checkpoints(source)
-            out += [e for e in have if e in epochs]
+            out += [e for e in self.store.checkpoint_epochs_of(source) if e in epochs]
         return sorted(out)
 
     def read_checkpoint(self, epoch: int) -> Any:

@@ -433,9 +433,7 @@ def _resume_point(store: Store, run: Run, own: list[int]) -> int:
 
     Later committed epochs are discarded and recorded again, identically (a deterministic replay).
     """
-    from ..storage.checkpoints import checkpoint_epochs
-
-    have = set(checkpoint_epochs(store.layout, run.run_id))
+    have = set(store.checkpoint_epochs_of(run.run_id))
     at = [e for e in own if e in have]
     if not at:
         raise EpochNotFoundError(f"Run {run.run_id} has no checkpoint among its committed epochs {own}")

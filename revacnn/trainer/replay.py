@@ -27,7 +27,6 @@ import numpy as np
 
 from ..errors import RevacnnError, StoreError
 from ..storage import Run, RunWriter, Store, create_session, open_store
-from ..storage.checkpoints import checkpoint_epochs
 from .checkpoint import (
     Checkpoint,
     assign_model,
@@ -114,7 +113,7 @@ def restore_checkpoint(store: Store, run: Run, epoch: int, data: Any = None, *, 
     """
     rec = run.epoch(epoch)  # raises EpochNotFoundError with the available span
     source = store.run(rec.run_id)
-    have = checkpoint_epochs(store.layout, source.run_id)
+    have = store.checkpoint_epochs_of(source.run_id)
     if epoch in have:
         return load_run_checkpoint(source, epoch), Replayed(epoch, epoch)
     own = set(source.epochs())
@@ -256,7 +255,7 @@ def _check_equal(source: Run, replayed: Run, epoch: int, base: int) -> None:
             f"of epoch {epoch} bit for bit ({', '.join(diffs[:6])}). Received: runtime {runtime_settings()} "
             f"(the run recorded {source.config.get('runtime')}); expected the settings it ran under, with "
             "deterministic ops. Fork from a checkpointed epoch instead: "
-            f"{checkpoint_epochs(source.store.layout, source.run_id)}"
+            f"{source.store.checkpoint_epochs_of(source.run_id)}"
         )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import revacnn
-from revacnn.errors import StoreNotFoundError, StoreURLError
+from revacnn.errors import StoreError, StoreNotFoundError, StoreURLError
 from revacnn.storage import RunWriter, create_session
 
 from .test_store import _epoch
@@ -219,6 +219,13 @@ def test_memory_url_works_in_process(tmp_path):
     assert other.location == url and repr(other) == f"Store({url!r})"
     assert other.run(w.run_id).epochs() == [0, 1] and other.run(w.run_id).status == "finished"
     assert (other.run(w.run_id).epoch(1).layer("conv1").kernel == 1).all()
+    # gc needs the whole store in one folder: on a URL it refuses, naming the store, and removes nothing
+    from revacnn.storage.checkpoints import collect
+
+    before = sorted(other._mirror.backend.list(""))
+    with pytest.raises(StoreError, match="revacnn gc"):
+        collect(other)
+    assert sorted(other._mirror.backend.list("")) == before
 
 
 def _cli(*args: str, cwd=None, env=None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
