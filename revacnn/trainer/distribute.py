@@ -413,5 +413,8 @@ class NullRecorder:
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         return None
 
+    def flush_checkpoint(self) -> None:
+        return None
+
     def close(self) -> None:
         return None

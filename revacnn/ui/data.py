@@ -47,6 +47,7 @@ __all__ = [
     "StoreWatcher",
     "frame_from_live",
     "timed",
+    "latest_touched",
     "touched_layers",
 ]
 
@@ -361,6 +362,25 @@ def touched_layers(events: pd.DataFrame | None, upto: int | None, after: int | N
             name = str(name)
             out[name] = label if name not in out or label in out[name] else f"{out[name]}; {label}"
     return out
+
+
+def latest_touched(events: pd.DataFrame | None) -> dict[str, str]:
+    """The layers the run's most recent applied filter surgery changed (the live page's marks).
+
+    They stay marked until the next surgery, however many epochs have passed since.
+
+    Example:
+        >>> latest_touched(run.events())
+        {'conv2': 'delete-filters conv2', 'conv3': 'delete-filters conv2'}
+    """
+    if events is None or not len(events) or "kind" not in events:
+        return {}
+    ev = events[events["kind"].isin(SURGERY_OPS) & (events["status"] == "applied")]
+    epochs = pd.to_numeric(ev["epoch"], errors="coerce").dropna() if len(ev) else ev.get("epoch")
+    if epochs is None or not len(epochs):
+        return {}
+    last = int(epochs.max())
+    return touched_layers(events, last, last - 1)
 
 
 # ============================================================================ run bundle

@@ -30,7 +30,7 @@ import panel as pn
 import param
 
 from ..errors import RevacnnError
-from .data import MEASURES, NetworkFrame, ReplayData, StoreWatcher, touched_layers
+from .data import MEASURES, NetworkFrame, ReplayData, StoreWatcher, latest_touched
 from .feed import TERMINAL, FeedState, RunFeed
 from .launcher import ForkForm, StartRunForm
 from .theme import MEASURE_LABELS, PAGE_CSS, make_template, status_badge
@@ -578,10 +578,9 @@ class LiveApp(pn.viewable.Viewer):
         if seen.get("snap_v") != st.snap_v:
             seen["snap_v"] = st.snap_v
             self.batch_curves.param.update(batches=st.batches, n_batches=(cur.n_batches if cur else None))
-        # marked while the frame shown is of the epoch the surgery was applied in or the next one
-        # (or older: the snapshot after the change has not arrived yet)
-        touched = (touched_layers(st.events, 1 << 30, cur.epoch - 2)
-                   if cur is not None and cur.epoch is not None else {})
+        # the layers of the most recent applied surgery stay marked until the next one (replay marks
+        # each surgery at its own epoch)
+        touched = latest_touched(st.events)
         if touched != self.network.touched:
             self.network.touched = touched  # the layers this epoch's applied surgery changed
         if cur is not None and cur.key != seen.get("frame"):
