@@ -283,32 +283,20 @@ class Recorder:
             layer_rows.append(row)
 
         embeddings, layer_xy = tsne.result() if tsne is not None else ({}, {})
-        tx: list[Any] = []
-        ty: list[Any] = []
-        for L in snap.layers:
-            if L.kind != "conv":
-                continue
-            emb = embeddings.get(L.name)
-            if emb is None:
-                emb = np.full((len(L.uids), 2), np.nan, np.float32)
-            arrays[L.name]["embedding"] = emb
-            tx.extend(_nan_none(v) for v in emb[:, 0])
-            ty.extend(_nan_none(v) for v in emb[:, 1])
-        filter_rows["tsne_x"] = tx
-        filter_rows["tsne_y"] = ty
-        lx: list[Any] = []
-        ly: list[Any] = []
-        for L in snap.layers:
-            if L.kind != "conv":
-                continue
-            xy = layer_xy.get(L.name)
-            if xy is None:
-                xy = np.full((len(L.uids), 2), np.nan, np.float32)
-            arrays[L.name]["layer_embedding"] = xy
-            lx.extend(_nan_none(v) for v in xy[:, 0])
-            ly.extend(_nan_none(v) for v in xy[:, 1])
-        filter_rows["layer_tsne_x"] = lx
-        filter_rows["layer_tsne_y"] = ly
+        for source, key, col in ((embeddings, "embedding", "tsne"), (layer_xy, "layer_embedding", "layer_tsne")):
+            xs: list[Any] = []
+            ys: list[Any] = []
+            for L in snap.layers:
+                if L.kind != "conv":
+                    continue
+                xy = source.get(L.name)
+                if xy is None:
+                    xy = np.full((len(L.uids), 2), np.nan, np.float32)
+                arrays[L.name][key] = xy
+                xs.extend(_nan_none(v) for v in xy[:, 0])
+                ys.extend(_nan_none(v) for v in xy[:, 1])
+            filter_rows[f"{col}_x"] = xs
+            filter_rows[f"{col}_y"] = ys
         n_rows = len(filter_rows["layer"])
         filter_rows["run_id"] = [self.writer.run_id] * n_rows
         filter_rows["epoch"] = [epoch] * n_rows

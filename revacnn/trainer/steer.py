@@ -37,24 +37,33 @@ def apply_pending(trainer: Trainer, epoch: int, batch: int) -> None:
             )
             trainer.commands.ack(cid)
             continue
-        touched: list[str] = []
-        try:
-            message = apply(trainer, cmd, touched=touched)
-            status = "applied"
-        except RevacnnError as exc:
-            status, message = "rejected", str(exc)
-        except Exception as exc:  # a bug in an op must not kill training
-            log.exception("steering op %s failed", cmd.op)
-            status, message = "rejected", f"internal error: {type(exc).__name__}: {exc}"
+        status, message, args = _apply_one(trainer, cmd)
         kill_point("command_popped")
         trainer.writer.write_event(
-            event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op,
-            # a surgery's event names every layer it changed (the app marks them)
-            args={**cmd.args, "touched": touched} if touched and status == "applied" else cmd.args,
+            event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op, args=args,
             status=status, message=message, sent_at=cmd.sent_at,
         )
         kill_point("event_written")
         trainer.commands.ack(cid)
+
+
+def _apply_one(trainer: Trainer, cmd: Command) -> tuple[str, str, dict[str, Any]]:
+    """Apply one command: its status (``applied``/``rejected``), message and the event's args.
+
+    A surgery's event args name every layer it changed (``touched``: the app marks them). A bug
+    in an op is a rejection with the error, never the end of training.
+    """
+    touched: list[str] = []
+    try:
+        message = apply(trainer, cmd, touched=touched)
+        status = "applied"
+    except RevacnnError as exc:
+        status, message = "rejected", str(exc)
+    except Exception as exc:  # a bug in an op must not kill training
+        log.exception("steering op %s failed", cmd.op)
+        status, message = "rejected", f"internal error: {type(exc).__name__}: {exc}"
+    args = {**cmd.args, "touched": touched} if touched and status == "applied" else cmd.args
+    return status, message, args
 
 
 def _apply_broadcast(trainer: Trainer, epoch: int, batch: int) -> None:
@@ -80,21 +89,12 @@ def _apply_broadcast(trainer: Trainer, epoch: int, batch: int) -> None:
                 mine.append(cmd.to_json())
     for d in trainer.sync.exchange(mine):
         cmd = Command(op=d["op"], args=d.get("args") or {}, command_id=d["command_id"], sent_at=d.get("sent_at", 0.0))
-        touched: list[str] = []
-        try:
-            message = apply(trainer, cmd, touched=touched)
-            status = "applied"
-        except RevacnnError as exc:
-            status, message = "rejected", str(exc)
-        except Exception as exc:  # a bug in an op must not kill training
-            log.exception("steering op %s failed", cmd.op)
-            status, message = "rejected", f"internal error: {type(exc).__name__}: {exc}"
+        status, message, args = _apply_one(trainer, cmd)
         if not trainer.chief:
             trainer.applied.append([cmd.command_id, cmd.op, epoch, batch, status])
         if trainer.chief:
             trainer.writer.write_event(
-                event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op,
-                args={**cmd.args, "touched": touched} if touched and status == "applied" else cmd.args,
+                event_id=cmd.command_id, epoch=epoch, batch=batch, kind=cmd.op, args=args,
                 status=status, message=message, sent_at=cmd.sent_at,
             )
             trainer.commands.ack(cids.get(cmd.command_id, cmd.command_id))
