@@ -558,7 +558,8 @@ class _ZarrTree:
     ``tests/storage/test_writer_arrays.py``), except that a chunk equal to the fill value is
     written too (zarr skips it; both read back the same), the JSON is compact (no indentation or
     spaces) and the optional members zarr writes empty (``attributes``, ``storage_transformers``)
-    are left out where empty; zarr and xarray read them as the same defaults. Arrays of other dtypes or byte order, 0-d or empty arrays are handed to zarr.
+    are left out where empty; zarr and xarray read them as the same defaults. Arrays of other
+    dtypes or byte order, 0-d or empty arrays are handed to zarr.
     `files` and `dirs` list what was written (for the durable commit).
 
     Example:

@@ -52,8 +52,8 @@ def _layers(rng: np.random.Generator) -> dict[str, dict[str, object]]:
     return layers
 
 
-def _zarr_reference(path: Path, layers, attrs, extra) -> None:
-    """The epoch written as `RunWriter.write_arrays` did with zarr's own API."""
+def _zarr_reference(path: Path, layers, attrs, extra, codec=array_codec) -> None:
+    """The epoch written as `RunWriter.write_arrays` does with zarr's own API (``codec(dtype)``)."""
     root = zarr.open_group(str(path), mode="w")
     for lname, arrays in layers.items():
         g = root.create_group(lname)
@@ -62,12 +62,12 @@ def _zarr_reference(path: Path, layers, attrs, extra) -> None:
             if key == "_attrs":
                 continue
             a = np.ascontiguousarray(value)
-            g.create_array(key, data=a, chunks=a.shape or None, compressors=array_codec(a.dtype),
+            g.create_array(key, data=a, chunks=a.shape or None, compressors=codec(a.dtype),
                            dimension_names=dimension_names(key, a.ndim, kind))
         g.attrs.update(dict(arrays.get("_attrs", {})))
     for key, value in extra.items():
         a = np.ascontiguousarray(value)
-        root.create_array(key, data=a, chunks=a.shape or None, compressors=array_codec(a.dtype),
+        root.create_array(key, data=a, chunks=a.shape or None, compressors=codec(a.dtype),
                           dimension_names=dimension_names(key, a.ndim, "extra"))
     root.attrs.update({"layers": list(layers), **attrs})
 
@@ -160,3 +160,20 @@ def test_the_public_reader_and_the_durable_file_list(tmp_path, written):
     on_disk = {p for p in path.rglob("*") if p.is_file()}
     assert on_disk <= set(w._sync.files)
     assert {p for p in path.rglob("*") if p.is_dir()} | {path} <= set(w._sync.dirs)
+
+
+def test_an_older_stores_codec_reads_back(tmp_path, written):
+    """An epoch of an older store (zstd 3 + byte shuffle for every dtype, zarr's full documents) still reads."""
+    mine, _, layers, extra = written
+    store = revacnn.open_store(mine.parents[3])
+    run_id = mine.parents[1].name
+    old = store.layout.epoch_arrays(run_id, 5)
+    _zarr_reference(old, layers, {}, extra, codec=lambda dt: zarr.codecs.BloscCodec(cname="zstd", clevel=3,
+                                                                                      shuffle="shuffle"))
+    conf = json.loads((old / "conv1" / "activations" / "zarr.json").read_text())["codecs"][1]["configuration"]
+    assert (conf["clevel"], conf["shuffle"]) == (3, "shuffle")
+    from revacnn.storage.store import EpochRecord
+
+    rec = EpochRecord(store, run_id, 5)
+    np.testing.assert_array_equal(rec.layer("conv1").activations, layers["conv1"]["activations"])
+    np.testing.assert_array_equal(rec.layer("dense1").kernel, layers["dense1"]["kernel"])
