@@ -38,7 +38,29 @@ from .store import Store
 
 log = logging.getLogger("revacnn.storage")
 
-_FLOAT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+#: Blosc settings of the epoch arrays by dtype (all lossless; measured in ``benchmarks/bench_store.py``):
+#: float16 (the probes' activations) compress best with zstd level 7 and byte shuffle (4 % smaller
+#: than level 3; bit shuffle is larger), everything else (float32 kernels, ints) with zstd level 3
+#: and bit shuffle (2.5 % smaller than byte shuffle, and faster).
+_BLOSC_FLOAT16 = {"cname": "zstd", "clevel": 7, "shuffle": "shuffle"}
+_BLOSC_DEFAULT = {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
+
+
+def _blosc_conf(dtype: np.dtype) -> dict[str, Any]:
+    return _BLOSC_FLOAT16 if np.dtype(dtype) == np.float16 else _BLOSC_DEFAULT
+
+
+def array_codec(dtype: Any) -> BloscCodec:
+    """The compressor of an epoch array of ``dtype``, as zarr's codec (what `_ZarrTree` writes itself).
+
+    Example:
+        >>> array_codec(np.float16).clevel
+        7
+    """
+    return BloscCodec(**_blosc_conf(np.dtype(dtype)))
+
+
+_FLOAT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")  # the session's probe images
 _INT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
@@ -525,17 +547,19 @@ _DIRECT_DTYPES = {
     for t in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
               "float16", "float32", "float64")
 }
-_BLOSC_CONF = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle", "blocksize": 0}
+_BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
 class _ZarrTree:
     """Writes a Zarr v3 hierarchy of single-chunk arrays straight to files, as zarr itself would.
 
     The documents (``zarr.json``) and chunk files are the ones ``zarr.create_array(data=a,
-    chunks=a.shape, compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))`` writes
-    (checked against zarr in ``tests/storage/test_writer_arrays.py``), except that a chunk equal
-    to the fill value is written too (zarr skips it; both read back the same) and the JSON is not
-    indented. Arrays of other dtypes or byte order, 0-d or empty arrays are handed to zarr.
+    chunks=a.shape, compressors=array_codec(a.dtype))`` writes (checked against zarr in
+    ``tests/storage/test_writer_arrays.py``), except that a chunk equal to the fill value is
+    written too (zarr skips it; both read back the same), the JSON is compact (no indentation or
+    spaces) and the optional members zarr writes empty (``attributes``, ``storage_transformers``)
+    are left out where empty; zarr and xarray read them as the same defaults. Arrays of other
+    dtypes or byte order, 0-d or empty arrays are handed to zarr.
     `files` and `dirs` list what was written (for the durable commit).
 
     Example:
@@ -551,7 +575,7 @@ class _ZarrTree:
         self._files: list[str] = []
         self._dirs: list[str] = []
         self._blosc = Blosc
-        self._codecs: dict[int, Any] = {}
+        self._codecs: dict[tuple[int, int, str], Any] = {}
         self._groups: set[str] = set()
         os.makedirs(os.path.dirname(self.root), exist_ok=True)
         self._mkdir(self.root)
@@ -593,14 +617,14 @@ class _ZarrTree:
         return d
 
     def group_at(self, d: str, attrs: Mapping[str, Any]) -> None:
-        doc = {"attributes": dict(attrs), "zarr_format": 3, "node_type": "group"}
+        doc = {"attributes": dict(attrs), "zarr_format": 3, "node_type": "group"} if attrs else _EMPTY_GROUP
         self._write(f"{d}/zarr.json", _json_bytes(doc))
 
     def array(self, parent: str, key: str, value: Any, dims: tuple[str, ...] | None) -> None:
         a = np.asarray(value)
         dt = _DIRECT_DTYPES.get(a.dtype) if a.dtype.byteorder != ">" else None
         if dt is None or a.ndim == 0 or a.size == 0:
-            codec = _FLOAT_CODEC if a.dtype.kind == "f" else _INT_CODEC
+            codec = array_codec(a.dtype)
             g = zarr.open_group(parent, mode="r+")
             a = np.ascontiguousarray(a)
             g.create_array(key, data=a, chunks=a.shape or None, compressors=codec, dimension_names=dims)
@@ -615,25 +639,26 @@ class _ZarrTree:
         if item > 1:
             bytes_codec["configuration"] = {"endian": "little"}
         shape = list(a.shape)
+        conf = _blosc_conf(a.dtype)
         doc: dict[str, Any] = {
             "shape": shape,
             "data_type": dt,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shape}},
             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
             "fill_value": False if dt == "bool" else 0.0 if a.dtype.kind == "f" else 0,
-            "codecs": [bytes_codec, {"name": "blosc", "configuration": {"typesize": item, **_BLOSC_CONF}}],
-            "attributes": {},
+            "codecs": [bytes_codec, {"name": "blosc", "configuration": {"typesize": item, **conf, "blocksize": 0}}],
             "zarr_format": 3,
             "node_type": "array",
-            "storage_transformers": [],
         }
         if dims is not None:
             doc["dimension_names"] = list(dims)
         self._write(f"{d}/zarr.json", _json_bytes(doc))
-        codec = self._codecs.get(item)
+        ckey = (item, conf["clevel"], conf["shuffle"])
+        codec = self._codecs.get(ckey)
         if codec is None:
-            codec = self._codecs[item] = self._blosc(cname="zstd", clevel=3, shuffle=self._blosc.SHUFFLE,
-                                                     blocksize=0, typesize=item)
+            codec = self._codecs[ckey] = self._blosc(cname=conf["cname"], clevel=conf["clevel"],
+                                                     shuffle=_BLOSC_SHUFFLE[conf["shuffle"]], blocksize=0,
+                                                     typesize=item)
         chunk_dir = f"{d}/c"
         self._mkdir(chunk_dir)
         for _ in range(a.ndim - 1):
@@ -642,8 +667,11 @@ class _ZarrTree:
         self._write(f"{chunk_dir}/0", codec.encode(np.ascontiguousarray(a)))
 
 
+_EMPTY_GROUP = {"zarr_format": 3, "node_type": "group"}
+
+
 def _json_bytes(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, allow_nan=True, default=_json_default).encode()
+    return json.dumps(doc, allow_nan=True, default=_json_default, separators=(",", ":")).encode()
 
 
 def _json_default(v: Any) -> Any:

@@ -11,7 +11,7 @@ import zarr
 
 import revacnn
 from revacnn.storage import RunWriter, create_session
-from revacnn.storage.writer import _FLOAT_CODEC, _INT_CODEC, dimension_names
+from revacnn.storage.writer import array_codec, dimension_names
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64"]
@@ -52,8 +52,8 @@ def _layers(rng: np.random.Generator) -> dict[str, dict[str, object]]:
     return layers
 
 
-def _zarr_reference(path: Path, layers, attrs, extra) -> None:
-    """The epoch written as `RunWriter.write_arrays` did with zarr's own API."""
+def _zarr_reference(path: Path, layers, attrs, extra, codec=array_codec) -> None:
+    """The epoch written as `RunWriter.write_arrays` does with zarr's own API (``codec(dtype)``)."""
     root = zarr.open_group(str(path), mode="w")
     for lname, arrays in layers.items():
         g = root.create_group(lname)
@@ -62,19 +62,25 @@ def _zarr_reference(path: Path, layers, attrs, extra) -> None:
             if key == "_attrs":
                 continue
             a = np.ascontiguousarray(value)
-            codec = _FLOAT_CODEC if a.dtype.kind == "f" else _INT_CODEC
-            g.create_array(key, data=a, chunks=a.shape or None, compressors=codec,
+            g.create_array(key, data=a, chunks=a.shape or None, compressors=codec(a.dtype),
                            dimension_names=dimension_names(key, a.ndim, kind))
         g.attrs.update(dict(arrays.get("_attrs", {})))
     for key, value in extra.items():
         a = np.ascontiguousarray(value)
-        root.create_array(key, data=a, chunks=a.shape or None, compressors=_FLOAT_CODEC,
+        root.create_array(key, data=a, chunks=a.shape or None, compressors=codec(a.dtype),
                           dimension_names=dimension_names(key, a.ndim, "extra"))
     root.attrs.update({"layers": list(layers), **attrs})
 
 
-def _docs(path: Path) -> dict[str, dict]:
-    return {str(p.relative_to(path)): json.loads(p.read_text()) for p in sorted(path.rglob("zarr.json"))}
+def _docs(path: Path, *, drop_empty: bool = False) -> dict[str, dict]:
+    """Every ``zarr.json`` of ``path``; ``drop_empty``: without the optional members zarr writes empty."""
+    docs = {}
+    for p in sorted(path.rglob("zarr.json")):
+        doc = json.loads(p.read_text())
+        if drop_empty:
+            doc = {k: v for k, v in doc.items() if not (k in ("attributes", "storage_transformers") and not v)}
+        docs[str(p.relative_to(path))] = doc
+    return docs
 
 
 @pytest.fixture()
@@ -96,7 +102,27 @@ def written(tmp_path):
 
 def test_documents_equal_zarrs(written):
     mine, ref, _, _ = written
-    assert _docs(mine) == _docs(ref)
+    assert _docs(mine, drop_empty=True) == _docs(ref, drop_empty=True)  # (0-d, empty: written by zarr)
+    # compact: no indentation or spaces, and the empty optional members left out
+    text = (mine / "conv1" / "kernel" / "zarr.json").read_text()
+    assert " " not in text and "storage_transformers" not in text and '"attributes"' not in text
+
+
+def test_codecs_by_dtype_and_the_chunks_zarr_writes(written):
+    """float16 (activations): zstd 7 + byte shuffle; the rest: zstd 3 + bit shuffle; chunk bytes as zarr's."""
+    mine, ref, _, _ = written
+    for rel, (cname, clevel, shuffle) in {
+        "conv1/activations": ("zstd", 7, "shuffle"),
+        "conv1/kernel": ("zstd", 3, "bitshuffle"),
+        "conv1/filter_uids": ("zstd", 3, "bitshuffle"),
+        "odd/d_uint8": ("zstd", 3, "bitshuffle"),
+    }.items():
+        conf = json.loads((mine / rel / "zarr.json").read_text())["codecs"][1]["configuration"]
+        assert (conf["cname"], conf["clevel"], conf["shuffle"]) == (cname, clevel, shuffle)
+    for rel in ("conv1/activations", "conv1/kernel", "dense1/kernel", "odd/d_uint8", "odd/d_bool"):
+        chunk = [p for p in (mine / rel).rglob("*") if p.is_file() and p.name != "zarr.json"]
+        want = [p for p in (ref / rel).rglob("*") if p.is_file() and p.name != "zarr.json"]
+        assert len(chunk) == len(want) == 1 and chunk[0].read_bytes() == want[0].read_bytes()
 
 
 def test_every_array_reads_back_as_zarr_reads_its_own(written):
@@ -134,3 +160,20 @@ def test_the_public_reader_and_the_durable_file_list(tmp_path, written):
     on_disk = {p for p in path.rglob("*") if p.is_file()}
     assert on_disk <= set(w._sync.files)
     assert {p for p in path.rglob("*") if p.is_dir()} | {path} <= set(w._sync.dirs)
+
+
+def test_an_older_stores_codec_reads_back(tmp_path, written):
+    """An epoch of an older store (zstd 3 + byte shuffle for every dtype, zarr's full documents) still reads."""
+    mine, _, layers, extra = written
+    store = revacnn.open_store(mine.parents[3])
+    run_id = mine.parents[1].name
+    old = store.layout.epoch_arrays(run_id, 5)
+    _zarr_reference(old, layers, {}, extra, codec=lambda dt: zarr.codecs.BloscCodec(cname="zstd", clevel=3,
+                                                                                      shuffle="shuffle"))
+    conf = json.loads((old / "conv1" / "activations" / "zarr.json").read_text())["codecs"][1]["configuration"]
+    assert (conf["clevel"], conf["shuffle"]) == (3, "shuffle")
+    from revacnn.storage.store import EpochRecord
+
+    rec = EpochRecord(store, run_id, 5)
+    np.testing.assert_array_equal(rec.layer("conv1").activations, layers["conv1"]["activations"])
+    np.testing.assert_array_equal(rec.layer("dense1").kernel, layers["dense1"]["kernel"])
