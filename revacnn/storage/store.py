@@ -127,6 +127,8 @@ class Store:
         self.root = loc.cache
         self.durable = durable
         self.layout = Layout(self.root)
+        # run id -> (stamps of run.json and status.json, run.json, status.json) as `runs` last read them
+        self._run_meta: dict[str, tuple[tuple[int, ...], dict[str, Any], dict[str, Any]]] = {}
         self._mirror = None
         if self.url is not None:
             self._open_remote(create)
@@ -255,10 +257,12 @@ class Store:
     def run_ids(self) -> list[str]:
         """Ids of every run, oldest first."""
         self._auto_refresh()
-        d = self.layout.runs_dir
-        if not d.exists():
+        d = str(self.layout.runs_dir)
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
             return []
-        return sorted(p.name for p in d.iterdir() if (p / "run.json").exists())
+        return sorted(n for n in names if os.path.exists(os.path.join(d, n, "run.json")))
 
     def session_info(self, session_id: str) -> dict[str, Any]:
         """The session's metadata (``session.json``)."""
@@ -295,9 +299,7 @@ class Store:
         rows = []
         for rid in self.run_ids():
             try:
-                run = self.run(rid)
-                info = run.info
-                status, status_info = run._status_or_warn()
+                info, status, status_info = self._run_meta_of(rid)
             except (StoreError, RunNotFoundError) as exc:
                 warnings.warn(f"run {rid} left out: {exc}", CorruptStoreWarning, stacklevel=2)
                 continue
@@ -323,6 +325,42 @@ class Store:
         for col in ("parent_run_id", "name"):
             df[col] = df[col].astype("string")
         return df
+
+    def _run_meta_of(self, run_id: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
+        """``(run.json, status, status.json)`` of a run; the files are read again only when they changed.
+
+        A file is known unchanged by its ``(mtime, size, inode)`` (both are replaced atomically, so
+        each write gets a new inode), and only once it is older than the file system's timestamp
+        granularity could hide a second write; a ``running`` status is checked against its writer
+        (`Run.status`) on every call.
+        """
+        d = os.path.join(str(self.layout.runs_dir), run_id)
+        stamp: list[int] = []
+        newest = 0
+        for name in ("run.json", "status.json"):
+            try:
+                st = os.stat(os.path.join(d, name))
+                stamp += (st.st_mtime_ns, st.st_size, st.st_ino)
+                newest = max(newest, st.st_mtime_ns)
+            except OSError:
+                stamp += (0, 0, 0)
+        key = tuple(stamp)
+        hit = self._run_meta.get(run_id)
+        if hit is not None and hit[0] == key:
+            info, raw = hit[1], hit[2]
+        else:
+            run = self.run(run_id)
+            info = run.info
+            status, raw = run._status_or_warn()
+            if raw and newest < time.time_ns() - 1_000_000_000:
+                self._run_meta[run_id] = (key, info, raw)
+            else:
+                self._run_meta.pop(run_id, None)
+            return info, status, raw
+        status = raw.get("status", "interrupted")
+        if status == "running" and not Run._trainer_alive(raw):
+            status = "interrupted"
+        return info, status, raw
 
     def run(self, run_id: str) -> Run:
         """The run ``run_id``.

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec
 
@@ -31,6 +30,7 @@ from ._tables import (
     run_files,
     segment_epoch,
     to_table,
+    write_parquet,
     write_parquet_atomic,
 )
 from .lease import RunLease, owner_info
@@ -335,7 +335,7 @@ class RunWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_path_for(path)
         try:
-            pq.write_table(to_table([row], SEGMENT_TABLES["epochs"]), tmp, compression="zstd")
+            write_parquet(to_table([row], SEGMENT_TABLES["epochs"]), tmp)
             if self.durable:
                 self._sync.add_file(tmp)
                 self._sync.add_dir(path.parent.parent)

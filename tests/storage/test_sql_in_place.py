@@ -245,3 +245,34 @@ def test_a_segment_damaged_after_the_views_were_built_is_found_by_the_query(stor
     with pytest.warns(CorruptStoreWarning, match=r"filters/e00003\.parquet"):
         got = store.sql(q)
     assert got.epoch.tolist() == [2, 4] and store._sql.connection() is not con
+
+
+def _rewrite_the_old_way(path) -> None:
+    """Rewrite a Parquet file as the store wrote every file before: dictionary encoding and zstd everywhere."""
+    pq.write_table(pq.read_table(path), path, compression="zstd")
+
+
+def test_float_columns_are_written_plain_and_files_of_the_old_encoding_still_read_the_same(store):
+    """New files: float columns plain (no dictionary) with LZ4, the rest dictionary + zstd. A store
+    mixing files of the old encoding (dictionary + zstd for every column) with new ones reads the
+    same rows as a pyarrow reference, and compacting old segments rewrites them losslessly."""
+    done, live = store.writers
+    seg = store.layout.table_segment(live.run_id, "filters", 3)
+    meta = pq.ParquetFile(seg).metadata.row_group(0)
+    cols = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert not cols["grad_l1"].has_dictionary_page and cols["grad_l1"].compression == "LZ4"
+    assert cols["layer"].has_dictionary_page and cols["layer"].compression == "ZSTD"
+    assert cols["grad_l1"].statistics.has_min_max  # row-group statistics stay (filter push-down)
+    before = {p: pq.read_table(p) for p in [seg, store.layout.table_dir(done.run_id, "filters") / "compact-g000001.parquet"]}
+    for p in before:
+        _rewrite_the_old_way(p)
+        assert pq.ParquetFile(p).metadata.row_group(0).column(6).has_dictionary_page  # grad_l1, old encoding
+        assert pq.read_table(p).equals(before[p])
+    reader = revacnn.open_store(store.root, mode="r")
+    _check_against_reference(reader)
+    live.compact()  # merges the old-encoding segment with new ones into a new-encoding file
+    merged = store.layout.table_dir(live.run_id, "filters") / "compact-g000001.parquet"
+    assert not pq.ParquetFile(merged).metadata.row_group(0).column(6).has_dictionary_page
+    got = pq.read_table(merged).to_pandas()
+    assert got[got.epoch == 3].reset_index(drop=True).equals(before[seg].to_pandas())
+    _check_against_reference(reader)

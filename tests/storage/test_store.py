@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
+
 import numpy as np
+import pandas as pd
 import pytest
 
 import revacnn
@@ -424,3 +429,32 @@ def test_a_compaction_between_listing_and_reading_never_shows_a_half_epoch(store
     assert fired, "the hook did not run"
     assert df.epoch.tolist() == [0, 1, 2, 3, 4]  # no committed epoch lost
     assert (df.nl == 1).all() and (df.nf == 3).all(), df  # no half epoch
+
+
+def test_runs_sees_a_status_change_and_a_dead_writer_after_caching_the_status(tmp_path, monkeypatch):
+    """`Store.runs` keeps what it read of unchanged status files, yet a rewritten status file is read
+    again and a ``running`` status is checked against its writer on every call."""
+    import revacnn.storage.store as store_mod
+
+    st = revacnn.open_store(tmp_path / "s", durable=False)
+    sid = create_session(st, dataset="toy", model="toy", probe_images=np.zeros((2, 4, 4, 3), np.uint8),
+                         probe_labels=np.array([0, 1]), probe_indices=[0, 1], class_names=["a", "b"], config={})
+    w = RunWriter.create(st, session_id=sid, config={}, name="r", durable=False)
+    status = st.layout.status_json(w.run_id)
+    info = json.loads(status.read_text())
+    # a writer on another host whose heartbeat is fresh: running
+    status.write_text(json.dumps({**info, "status": "running", "host": "elsewhere", "heartbeat_at": time.time()}))
+    old = time.time() - 3600
+    for p in (status, st.layout.run_json(w.run_id)):
+        os.utime(p, (old, old))  # old enough to be cached
+    assert st.runs().status.tolist() == ["running"]
+    assert st.runs().status.tolist() == ["running"]  # from the cache
+    monkeypatch.setattr(store_mod, "HEARTBEAT_TIMEOUT_S", 0.0)  # the heartbeat is now too old
+    assert st.runs().status.tolist() == ["interrupted"]
+    monkeypatch.undo()
+    tmp = status.with_name("status.tmp")  # rewritten atomically, with the old time stamp
+    tmp.write_text(json.dumps({**info, "status": "finished", "finished_at": "2026-01-01T00:00:00+00:00"}))
+    os.utime(tmp, (old, old))
+    os.replace(tmp, status)
+    assert st.runs().status.tolist() == ["finished"]
+    assert st.runs().finished_at.tolist() == [pd.Timestamp("2026-01-01", tz="UTC")]
