@@ -1,7 +1,9 @@
 """Store bytes per epoch ÷ parameter bytes, with every epoch forkable: old .npz checkpoints vs compact ones and retention.
 
-Records the same ``resnet20`` run on the offline ``shapes`` data (32×32×3, 10 classes) under
-three checkpoint schemes and splits each run's bytes per recorded epoch into arrays (Zarr),
+Records the same run on the offline ``shapes`` data (32×32×3, 10 classes) under three checkpoint
+schemes, for each of two models: ``resnet20`` (272k parameters, BatchNorm) and ``cnn_1m`` below, a
+plain functional CNN of 1.21M parameters (most of them in its first dense layer, the size of the
+model issue 14's "4.5x" was measured on), and splits each run's bytes per recorded epoch into arrays (Zarr),
 checkpoints and tables (Parquet):
 
 * ``npz K=1``: the old scheme, an uncompressed ``.npz`` of every model and optimizer variable
@@ -36,9 +38,30 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import dir_bytes, table  # noqa: E402
 
+MODELS = {"resnet20": "resnet20", "cnn_1m": "bench_store:cnn_1m"}
 
-def record(path: Path, *, scheme: str, every: int, epochs: int, probes: int, train_size: int) -> tuple[Any, str]:
-    """Record one resnet20 run with ``every`` and the ``npz`` or ``ckpt`` checkpoint format."""
+
+def cnn_1m(input_shape: tuple[int, int, int], num_classes: int) -> Any:
+    """A functional VGG-style CNN of 1.21M parameters on 32×32×3: three blocks of two 3×3 convs
+    (32, 64, 128 filters) and a max-pool, then dense 448 and the softmax."""
+    import keras
+
+    L = keras.layers
+    inp = keras.Input(input_shape)
+    x = L.Rescaling(1.0 / 255.0, name="rescale")(inp)
+    for i, f in enumerate((32, 64, 128), start=1):
+        x = L.Conv2D(f, 3, padding="same", activation="relu", name=f"conv{i}a")(x)
+        x = L.Conv2D(f, 3, padding="same", activation="relu", name=f"conv{i}b")(x)
+        x = L.MaxPooling2D(2, name=f"pool{i}")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(448, activation="relu", name="dense1")(x)
+    out = L.Dense(num_classes, activation="softmax", name="dense2")(x)
+    return keras.Model(inp, out, name="cnn_1m")
+
+
+def record(path: Path, *, scheme: str, every: int, epochs: int, probes: int, train_size: int,
+           model: str = "resnet20") -> tuple[Any, str]:
+    """Record one run of ``model`` with ``every`` and the ``npz`` or ``ckpt`` checkpoint format."""
     import revacnn
     from revacnn.config import TrainConfig
     from revacnn.trainer import recorder as rec_mod
@@ -46,7 +69,7 @@ def record(path: Path, *, scheme: str, every: int, epochs: int, probes: int, tra
     from revacnn.trainer.checkpoint import to_arrays, to_bytes
 
     store = revacnn.open_store(path)
-    cfg = TrainConfig(dataset="shapes", model="resnet20", epochs=epochs, train_size=train_size, val_size=64,
+    cfg = TrainConfig(dataset="shapes", model=MODELS.get(model, model), epochs=epochs, train_size=train_size, val_size=64,
                       batch_size=64, probes=probes, seed=1, embeddings=False, live_every_s=0.0,
                       checkpoint_every=every)
     rec_mod.to_bytes = (lambda ckpt, record=None: to_arrays(ckpt)) if scheme == "npz" else to_bytes
@@ -81,33 +104,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--train-size", type=int, default=256)
     ap.add_argument("--forks", type=int, default=0, help="alternated fork timing samples (0: none)")
+    ap.add_argument("--models", default="resnet20,cnn_1m", help=f"comma-separated, of {sorted(MODELS)}")
     args = ap.parse_args(argv)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     rows = []
-    out: dict[str, Any] = {"model": "resnet20", "dataset": "shapes", "epochs": args.epochs, "probes": args.probes}
+    models = [m for m in args.models.split(",") if m]
+    out: dict[str, Any] = {"models": models, "dataset": "shapes", "epochs": args.epochs, "probes": args.probes}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        for scheme, every in (("npz", 1), ("ckpt", 1), ("ckpt", 10)):
-            name = f"{scheme} K={every}"
-            store, rid = record(Path(tmp) / name.replace(" ", "_"), scheme=scheme, every=every,
-                                epochs=args.epochs, probes=args.probes, train_size=args.train_size)
-            runs[name] = (store, rid)
-            pb = param_bytes(store, rid)
-            s = split(store, rid)
-            total = s["arrays"] + s["checkpoints"] + s["tables"]
-            rows.append({"scheme": name, "param_MB": pb / 1e6, "arrays_MB": s["arrays"] / 1e6,
-                         "checkpoints_MB": s["checkpoints"] / 1e6, "tables_MB": s["tables"] / 1e6,
-                         "per_epoch_MB": total / 1e6, "ratio": total / pb,
-                         "arrays_ratio": s["arrays"] / pb, "checkpoints_ratio": s["checkpoints"] / pb,
-                         "n_checkpoints": s["n_checkpoints"]})
+        for model in models:
+            for scheme, every in (("npz", 1), ("ckpt", 1), ("ckpt", 10)):
+                name = f"{scheme} K={every}"
+                store, rid = record(Path(tmp) / f"{model}_{name.replace(' ', '_')}", scheme=scheme, every=every,
+                                    epochs=args.epochs, probes=args.probes, train_size=args.train_size, model=model)
+                runs[(model, name)] = (store, rid)
+                pb = param_bytes(store, rid)
+                s = split(store, rid)
+                total = s["arrays"] + s["checkpoints"] + s["tables"]
+                rows.append({"model": model, "scheme": name, "param_MB": pb / 1e6, "arrays_MB": s["arrays"] / 1e6,
+                             "checkpoints_MB": s["checkpoints"] / 1e6, "tables_MB": s["tables"] / 1e6,
+                             "per_epoch_MB": total / 1e6, "ratio": total / pb,
+                             "arrays_ratio": s["arrays"] / pb, "checkpoints_ratio": s["checkpoints"] / pb,
+                             "n_checkpoints": s["n_checkpoints"]})
         out["bytes"] = rows
-        print(f"resnet20 on shapes, {args.epochs + 1} recorded epochs, {args.probes} probes, every epoch forkable")
-        print(table(rows, ["scheme", "param_MB", "arrays_MB", "checkpoints_MB", "tables_MB", "per_epoch_MB",
+        print(f"{', '.join(models)} on shapes, {args.epochs + 1} recorded epochs, {args.probes} probes, "
+              "every epoch forkable")
+        print(table(rows, ["model", "scheme", "param_MB", "arrays_MB", "checkpoints_MB", "tables_MB", "per_epoch_MB",
                            "ratio", "arrays_ratio", "checkpoints_ratio", "n_checkpoints"]))
         if args.forks:
             from revacnn.trainer import fork
 
-            store, rid = runs["ckpt K=10"]
+            store, rid = runs[(models[0], "ckpt K=10")]
             direct, replay = [], []
             for i in range(args.forks):  # alternated: a checkpointed epoch, then one 9 epochs past it
                 for at, acc in ((10, direct), (9, replay)):
