@@ -19,6 +19,8 @@ class HTMLView(JSComponent):
     Subclasses set ``_esm`` to a module that defines ``draw(model, el)``; the shared wrapper calls
     it on every change of ``data`` and turns clicks on elements with a ``data-click`` attribute
     into the ``clicked`` parameter (``"<value>|<counter>"`` so that the same click repeats).
+    Each draw is timed as a ``rv-draw <class name>`` performance measure (devtools, benchmarks), and
+    ``U(uri)`` turns a data URI into a blob: URL for CSS variables (see the module's JavaScript).
 
     Example:
         >>> class Hello(HTMLView):
