@@ -23,7 +23,7 @@ from .views.doctor import DoctorForks, DoctorPanel
 from .views.embedding import EmbeddingView
 from .views.events import EventLog
 from .views.filter_detail import FilterDetail
-from .views.network import NetworkView
+from .views.network import NetworkView, prerender
 from .views.patterns import PatternIndicators
 from .views.player import EpochPlayer
 from .views.probes import ProbeChooser
@@ -527,8 +527,11 @@ class ReplayApp(Viewer):
         gen = self._gen
         bundle, epoch = self.bundle, self.epoch
         self._busy = True
+        probe, width = self.probe, self.network.width_per_layer
         try:
             frame = await self.data.aframe(bundle, epoch)
+            # the sprites too, in the worker: the event loop only looks them up
+            await asyncio.to_thread(_prerender, frame, probe, width)
         except Exception as exc:  # noqa: BLE001
             frame = NetworkFrame.empty(f"Cannot read epoch {epoch}: {exc}")
         finally:
@@ -536,6 +539,20 @@ class ReplayApp(Viewer):
         if gen != self._gen or bundle is not self.bundle:
             return
         await run_locked(lambda: self._apply_frame(frame) if gen == self._gen else None)
+        if not bundle.partial:
+            self._warm(bundle, epoch, probe, width)
+
+    def _warm(self, bundle: RunBundle, epoch: int, probe: int, width: int) -> None:
+        """Build the next and previous epochs' frames and sprites in the prefetch thread (after
+        their arrays are read there), so that the player's next step finds them ready."""
+        eps = bundle.epochs
+        if epoch not in eps:
+            return
+        i = eps.index(epoch)
+        for j in (i + 1, i - 1):
+            if 0 <= j < len(eps):
+                e = eps[j]
+                self.data.background(lambda e=e: _prerender(self.data.frame(bundle, e, prefetch=False), probe, width))
 
     def show_sync(self, run_id: str, epoch: int | None = None) -> float:
         """Show ``run_id`` at ``epoch`` synchronously and return the seconds the epoch switch took.
@@ -647,6 +664,14 @@ class ReplayApp(Viewer):
         if self.bundle is None or self.epoch is None:
             return None
         return self.data.kernel(self.bundle, self.epoch, layer)
+
+
+def _prerender(frame: NetworkFrame, probe: int, width: int) -> None:
+    """`prerender` the network view's sprites of ``frame`` (a failure only logs: drawing retries)."""
+    try:
+        prerender(frame, probe, width)
+    except Exception:  # noqa: BLE001 - the view renders (and reports) it again when it draws
+        log.debug("prerender failed", exc_info=True)
 
 
 def _in_session() -> bool:

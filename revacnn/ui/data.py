@@ -1178,6 +1178,20 @@ class ReplayData:
         """`bundle` in a worker thread."""
         return await asyncio.to_thread(self.bundle, run_id)
 
+    def background(self, fn: Any) -> None:
+        """Run ``fn()`` in the prefetch thread, after the reads already queued there (errors are logged).
+
+        Example:
+            >>> data.background(lambda: data.frame(bundle, 4, prefetch=False))
+        """
+        def job() -> None:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - background work must never break a page
+                log.debug("background job failed", exc_info=True)
+
+        self._pool.submit(job)
+
     def prefetch(self, bundle: RunBundle, epoch: int) -> None:
         """Read the neighbouring epochs' arrays in the background (what the player shows next)."""
         eps = bundle.epochs

@@ -186,4 +186,32 @@ def make_template(title: str, *, theme: str | None = None, **params: Any) -> pn.
         **params,
     )
     tpl.config.raw_css.append(css_vars(theme) + PAGE_CSS)
+    _skip_mathjax(pn.state.curdoc)
     return tpl
+
+
+def _skip_mathjax(doc: Any) -> None:
+    """Leave Bokeh's MathJax bundle (1.8 MB of JavaScript) out of ``doc``'s page.
+
+    Panel loads it for every page that has an HTML pane, in case one shows TeX; ours never do,
+    and evaluating it was a sixth of the browser's script time of a first page load. Only
+    documents marked here are affected (another app served beside ours keeps Panel's choice),
+    and if Panel's resource code changes, the page simply keeps the bundle.
+    """
+    if doc is None:
+        return
+    from panel.io import resources
+
+    doc._revacnn_no_mathjax = True  # read by the wrapper below, while the page is rendered
+    orig = getattr(resources, "_panel_use_mathjax", None)
+    if orig is None or getattr(orig, "_revacnn", False):
+        return
+
+    def use_mathjax(roots: Any) -> bool:
+        cur = pn.state.curdoc
+        if cur is not None and getattr(cur, "_revacnn_no_mathjax", False):
+            return False
+        return orig(roots)
+
+    use_mathjax._revacnn = True  # type: ignore[attr-defined]
+    resources._panel_use_mathjax = use_mathjax

@@ -69,9 +69,18 @@ def _special_stores(base: Path, recorded: dict[str, Any]) -> dict[str, Path]:
     import revacnn
 
     out = {"empty": base / "empty", "single": base / "single", "running": base / "running",
-           "corrupt": base / "corrupt"}
+           "corrupt": base / "corrupt", "doctor": base / "doctor"}
     revacnn.open_store(out["empty"])
     synthetic_store(out["single"], epochs=0, fork=False)
+    # a run whose doctor findings change from epoch to epoch: conv2 filter e "dead" at epoch e
+    from revacnn.storage import RunWriter
+
+    ids = synthetic_store(out["doctor"], epochs=3, fork=False)
+    w = RunWriter(revacnn.open_store(out["doctor"]), ids["root"])
+    for e in range(4):
+        w.write_rows("diagnoses", e, [{"run_id": ids["root"], "epoch": e, "layer": "conv2", "filter_uid": e,
+                                       "kind": "dead", "score": 1.0, "suggestion": None, "message": "dead",
+                                       "filter": e}])
     synthetic_store(out["running"], epochs=1, fork=False, root_status="running")
     shutil.copytree(recorded["store"], out["corrupt"])
     store = revacnn.open_store(out["corrupt"], mode="r")
@@ -203,6 +212,26 @@ def test_player_changes_epoch_and_tiles(page: Any, server: str, recorded: dict[s
     _shot(page.locator(".rv-tab-network .rv-net").first, "network")
     _shot(page.locator(".rv-run-picker"), "run_picker")
     _shot(page.locator(".rv-patterns"), "patterns")
+
+
+def test_doctor_dots_follow_the_player(page: Any, server: str, special: dict[str, Path]) -> None:
+    """The player swaps the tiles in place; the doctor's dots are then those of the new epoch."""
+    import revacnn
+
+    run = revacnn.open_store(special["doctor"], mode="r").run(revacnn.open_store(special["doctor"]).run_ids()[0])
+    diag = run.table("diagnoses")
+    diag = diag[diag["filter_uid"].notna()]
+    expected = {e: {(r.layer, int(r.filter_uid)) for r in diag[diag["epoch"] == e].itertuples()} for e in range(4)}
+    assert len({frozenset(v) for v in expected.values()}) == 4, expected  # the findings change with the epoch
+    _open(page, f"{server}/doctor?epoch=0", ".rv-tab-network .rv-net[data-complete='1']")
+    for e in range(4):
+        if e:
+            page.locator(".rv-epoch-player .rv-next").click()
+            page.wait_for_selector(f".rv-tab-network .rv-net[data-epoch='{e}']")
+        shown = page.eval_on_selector_all(
+            ".rv-tab-network .rv-grid-acts .rv-tile:has(.rv-doc-dot)",
+            "els => els.map(t => [t.closest('.rv-layer').dataset.layer, +t.dataset.click.split(':').pop()])")
+        assert {(layer, uid) for layer, uid in shown} == expected[e], e
 
 
 def test_the_fork_marks_the_layers_its_surgery_touched(page: Any, server: str, recorded: dict[str, Any]) -> None:
@@ -358,10 +387,11 @@ def test_tile_images_are_real_pictures(page: Any, server: str, recorded: dict[st
     _open(page, f"{server}/main?run={recorded['root']}&epoch=3")
     style = page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts").first.get_attribute("style")
     uri = style.split("url('", 1)[1].split("')", 1)[0]
-    assert uri.startswith("data:image/png;base64,")
-    size = page.evaluate(
+    assert uri.startswith("blob:")  # the PNG sent as a data URI, handed to CSS as a short blob: URL
+    size, kind = page.evaluate(
         "async (src) => { const img = new Image(); img.src = src; await img.decode();"
-        " return [img.naturalWidth, img.naturalHeight]; }", uri)
+        " const b = await (await fetch(src)).blob(); return [[img.naturalWidth, img.naturalHeight], b.type]; }", uri)
+    assert kind == "image/png"
     assert size == [8 * (32 + 2), 32 + 2]  # eight 32x32 tiles, each with a 1-pixel edge
 
 

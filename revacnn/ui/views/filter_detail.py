@@ -48,7 +48,7 @@ if (data.weights) {
   const C = data.weights.channels;
   if (C) {
     const t = C.tile;
-    o.push(`<div><div class="rv-fd-grid" style="grid-template-columns:repeat(${C.cols}, ${t}px);--s:url('${C.uri}')">`);
+    o.push(`<div><div class="rv-fd-grid" style="grid-template-columns:repeat(${C.cols}, ${t}px);--s:url('${U(C.uri)}')">`);
     for (let i = 0; i < C.n; i++) o.push(`<div class="rv-fd-chan" title="${E(C.names[i])}" style="background-image:var(--s);${cut(C.sprite, i, t, t)}"></div>`);
     o.push(`</div><div class="rv-muted" style="font-size:10.5px;margin-top:2px">${E(C.caption)}</div></div>`);
   }
@@ -56,7 +56,7 @@ if (data.weights) {
 }
 if (data.acts) {
   const A = data.acts; const t = 40;
-  o.push(`<div class="rv-fd-sec">activation on every probe</div><div class="rv-fd-grid rv-fd-acts" style="grid-template-columns:repeat(${A.cols}, ${t}px);--a:url('${A.uri}');--p:url('${A.probes}')">`);
+  o.push(`<div class="rv-fd-sec">activation on every probe</div><div class="rv-fd-grid rv-fd-acts" style="grid-template-columns:repeat(${A.cols}, ${t}px);--a:url('${U(A.uri)}');--p:url('${U(A.probes)}')">`);
   for (let i = 0; i < A.n; i++) {
     o.push(`<div class="rv-fd-cell ${i === A.current ? 'rv-cur' : ''}" title="probe ${i}: ${E(A.names[i])} · max ${E(A.max[i])}">
       <div class="rv-p" style="background-image:var(--a);${cut(A.sprite, i, t, t)}"></div>

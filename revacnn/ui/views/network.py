@@ -93,10 +93,11 @@ if (!el._tips) {  // tooltips are built on hover, from the latest data (cheaper 
   });
 }
 const struct = JSON.stringify([data.message ? 1 : 0, !!data.probe_img, data.compact, data.selected_set,
-  data.layers.map((L) => [L.name, L.n, L.cols, L.tile, L.layer_frozen, L.error, L.uids, L.frozen, L.added, L.deleted, !!L.weights, L.badges, L.layer_badges, L.touched]),
-  data.touched_other,
+  data.layers.map((L) => [L.name, L.n, L.cols, L.tile, L.layer_frozen, L.error, L.uids, L.frozen, L.added, L.deleted, !!L.weights, L.layer_badges, L.touched]),
+  data.touched_other, !!data.has_findings,
   (data.probs || []).map((p) => [p.name, p.true])]);
 if (el._struct === struct) {
+  performance.mark('rv-net swap');
   // Same network, another epoch or probe: swap the pictures and numbers in place.
   const net = el.querySelector('.rv-net');
   net.dataset.epoch = data.epoch ?? ''; net.dataset.probe = data.probe ?? ''; net.dataset.key = data.key ?? '';
@@ -109,14 +110,27 @@ if (el._struct === struct) {
   data.layers.forEach((L, j) => {
     if (L.error) return;
     const g = cols[j].querySelector('.rv-grid-acts');
-    g.style.setProperty('--sprite', `url('${L.sprite.uri}')`); g.dataset.sig = L.sig;
+    g.style.setProperty('--sprite', `url('${U(L.sprite.uri)}')`); g.dataset.sig = L.sig;
     g.querySelectorAll('.rv-bar > i').forEach((b, i) => {
       b.style.width = `${Math.max(0, Math.min(100, 100 * (L.bar[i] ?? 0))).toFixed(1)}%`;
       b.style.background = data.measure_color;
     });
+    // the doctor's per-filter findings change from epoch to epoch: only the tiles whose badge changed
+    const tiles = g.children;
+    for (let i = 0; i < L.n; i++) {
+      const bd = L.badges ? L.badges[i] : null, t = tiles[i], key = bd ? `${bd.kind}|${bd.color}` : '';
+      if ((t.dataset.badge || '') === key) continue;
+      t.dataset.badge = key;
+      t.classList.toggle('rv-doc-flagged', !!bd);
+      t.style.outlineColor = bd ? bd.color : '';
+      let dot = t.querySelector('.rv-doc-dot');
+      if (!bd) { if (dot) dot.remove(); continue; }
+      if (!dot) { dot = document.createElement('span'); dot.className = 'rv-doc-dot'; t.appendChild(dot); }
+      dot.dataset.kind = bd.kind; dot.style.background = bd.color;
+    }
     if (L.weights) {
       const w = cols[j].querySelector('.rv-grid-weights');
-      w.style.setProperty('--sprite', `url('${L.weights.uri}')`); w.dataset.sig = L.wsig;
+      w.style.setProperty('--sprite', `url('${U(L.weights.uri)}')`); w.dataset.sig = L.wsig;
     }
   });
   const rows = el.querySelectorAll('.rv-prob');
@@ -132,6 +146,7 @@ if (el._struct === struct) {
   return;
 }
 el._struct = struct;
+performance.mark('rv-net build');
 const parts = [];
 if (data.message) parts.push(`<div class="${data.layers.length ? 'rv-alert' : 'rv-empty'} rv-net-message">${E(data.message)}</div>`);
 if (data.touched_other && data.touched_other.length) {
@@ -155,7 +170,7 @@ data.layers.forEach((L, j) => {
   for (const [kind, S, sig] of grids) {
     if (kind === 'weights') parts.push(`<div class="rv-col-sub">weights (RGB)</div>`);
     const t = L.tile;
-    parts.push(`<div class="rv-grid rv-grid-${kind}" data-sig="${sig}" style="grid-template-columns:repeat(${L.cols}, ${t}px);--sprite:url('${S.uri}');">`);
+    parts.push(`<div class="rv-grid rv-grid-${kind}" data-sig="${sig}" style="grid-template-columns:repeat(${L.cols}, ${t}px);--sprite:url('${U(S.uri)}');">`);
     for (let i = 0; i < L.n; i++) {
       const cls = ['rv-tile'];
       if (L.frozen[i]) cls.push('rv-frozen');
@@ -167,7 +182,7 @@ data.layers.forEach((L, j) => {
       const dot = bd ? `<span class="rv-doc-dot" data-kind="${E(bd.kind)}" style="background:${bd.color}"></span>` : '';
       const flag = L.frozen[i] && !L.layer_frozen ? '<span class="rv-flag rv-f-frozen">❄</span>'
                  : (L.added[i] ? '<span class="rv-flag rv-f-added">+</span>' : '');
-      parts.push(`<div class="${cls.join(' ')}"${bd ? ` style="outline-color:${bd.color}"` : ''} tabindex="0" data-j="${j}" data-i="${i}" data-kind="${kind}" data-click="${E(L.name)}:${L.uids[i]}">
+      parts.push(`<div class="${cls.join(' ')}"${bd ? ` style="outline-color:${bd.color}" data-badge="${E(bd.kind)}|${bd.color}"` : ''} tabindex="0" data-j="${j}" data-i="${i}" data-kind="${kind}" data-click="${E(L.name)}:${L.uids[i]}">
         <div class="rv-img" style="background-image:var(--sprite);${cut(S, i, t, t)}"></div>
         ${kind === 'acts' ? `<div class="rv-bar"><i style="width:${w.toFixed(1)}%;background:${data.measure_color}"></i></div>` : ''}${flag}${dot}</div>`);
     }

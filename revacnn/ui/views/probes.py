@@ -34,7 +34,7 @@ _CSS = """
 _DRAW = r"""
 if (!data.n) { el.innerHTML = ''; return; }
 const S = 44;
-const out = [`<div class="rv-probes-head">${E(data.head)}</div><div class="rv-probes" data-value="${data.value}" style="--sprite:url('${data.uri}')">`];
+const out = [`<div class="rv-probes-head">${E(data.head)}</div><div class="rv-probes" data-value="${data.value}" style="--sprite:url('${U(data.uri)}')">`];
 for (let i = 0; i < data.n; i++) {
   const c = data.correct ? data.correct[i] : null;
   const dot = c === null || c === undefined ? '' : `<span class="rv-dot ${c ? 'rv-right' : 'rv-wrong'}"></span>`;
