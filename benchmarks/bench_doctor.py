@@ -5,7 +5,10 @@ the order per seed (A B, then B A) so drift on a shared machine cancels, and rep
 time saved (the sum of the epochs' ``duration_s``; wall time including the recording worker; and
 the process's CPU time, which other jobs on a shared machine disturb far less than wall time)
 and the difference in final validation accuracy. Target: >= 30 % saved, <= 1 point lost (FreezeOut
-reports about 20 % on CIFAR).
+reports about 20 % on CIFAR). Both arms train as a careful user would (``--lr-schedule cosine``, the
+default): `revacnn.fit` of the model compiled with Adam on a cosine-decayed learning rate
+(``keras.optimizers.schedules.CosineDecay`` from 1e-3 to 0 over the planned steps); the arms differ in
+``auto_freeze`` only. ``--lr-schedule constant`` trains with ``revacnn train``'s constant Adam 1e-3.
 
 Part 2 plants dead filters (a large negative bias) and duplicated filters into a trained network's
 conv layers and asks the doctor to find them: precision and recall over every planted and every
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -44,18 +48,39 @@ def warm_up(store, model: str) -> None:
                       live_every_s=0, name=f"{model}-warm-up"), store, progress=False)
 
 
-def auto_freeze_pair(store, model: str, seed: int, first_auto: bool) -> dict:
+def train_arm(store, model: str, seed: int, auto: bool, schedule: str):
+    """One arm: the same model, data and seed; ``auto`` only decides ``auto_freeze``."""
     from revacnn.config import TrainConfig
     from revacnn.trainer import train
 
     train_size, epochs = SIZES[model]
+    name = f"{model}-s{seed}-{'auto' if auto else 'plain'}"
+    if schedule == "constant":
+        cfg = TrainConfig(model=model, epochs=epochs, train_size=train_size, val_size=VAL_SIZE, seed=seed,
+                          embeddings=False, auto_freeze=auto, live_every_s=0, name=name)
+        return train(cfg, store, progress=False)
+    import keras
+
+    import revacnn
+    from revacnn.data import load_dataset
+    from revacnn.models import build_model
+
+    ds = load_dataset("shapes", train_size=train_size, val_size=VAL_SIZE, seed=seed)
+    keras.utils.set_random_seed(seed)
+    net = build_model(model, ds.input_shape, ds.num_classes)
+    steps = epochs * -(-len(ds.x_train) // 64)
+    net.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, steps)),
+                loss=keras.losses.SparseCategoricalCrossentropy())
+    return revacnn.fit(net, (ds.x_train, ds.y_train), validation_data=(ds.x_val, ds.y_val), epochs=epochs,
+                       batch_size=64, store=store, name=name, seed=seed, progress=False, embeddings=False,
+                       auto_freeze=auto)
+
+
+def auto_freeze_pair(store, model: str, seed: int, first_auto: bool, schedule: str = "cosine") -> dict:
     out: dict = {"model": model, "seed": seed}
     for auto in ((True, False) if first_auto else (False, True)):
-        cfg = TrainConfig(model=model, epochs=epochs, train_size=train_size, val_size=VAL_SIZE, seed=seed,
-                          embeddings=False, auto_freeze=auto, live_every_s=0,
-                          name=f"{model}-s{seed}-{'auto' if auto else 'plain'}")
         t, c = time.perf_counter(), time.process_time()
-        run = train(cfg, store, progress=False)
+        run = train_arm(store, model, seed, auto, schedule)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         m = run.metrics()
         key = "auto" if auto else "plain"
@@ -66,8 +91,10 @@ def auto_freeze_pair(store, model: str, seed: int, first_auto: bool) -> dict:
         out[f"{key}_epoch_s"] = [round(float(v), 2) for v in m.duration_s]
         if auto:
             ev = run.events()
-            ev = ev[ev.kind == "freeze"]
-            out["frozen"] = ", ".join(f"{json.loads(a)['layer']}@{e}" for a, e in zip(ev.args, ev.epoch, strict=True))
+            fz, an = ev[ev.kind == "freeze"], ev[ev.kind == "anneal"]
+            out["frozen"] = ", ".join(f"{json.loads(a)['layer']}@{e}" for a, e in zip(fz.args, fz.epoch, strict=True))
+            out["annealed_from"] = ", ".join(f"{json.loads(a)['layer']}@{e}"
+                                             for a, e in zip(an.args, an.epoch, strict=True))
     out["saved"] = 1.0 - out["auto_train_s"] / out["plain_train_s"]
     out["saved_wall"] = 1.0 - out["auto_wall_s"] / out["plain_wall_s"]
     out["saved_cpu"] = 1.0 - out["auto_cpu_s"] / out["plain_cpu_s"]
@@ -145,6 +172,12 @@ def main() -> None:
     ap.add_argument("--cka", type=float, default=None, help="CONVERGED_CKA to try")
     ap.add_argument("--patience", type=int, default=None, help="AUTO_FREEZE_PATIENCE to try")
     ap.add_argument("--min-fraction", type=float, default=None, help="AUTO_FREEZE_MIN_FRACTION to try")
+    ap.add_argument("--anneal", type=float, default=None, help="AUTO_FREEZE_ANNEAL_FRACTION to try (0: none)")
+    ap.add_argument("--no-schedule", action="store_true", help="AUTO_FREEZE_SCHEDULE off: `converged` alone")
+    ap.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                    help="both arms' learning rate: cosine-decayed (default) or constant")
+    ap.add_argument("--epochs", nargs="+", default=None, metavar="MODEL=N", help="override SIZES' epochs")
+    ap.add_argument("--train-size", nargs="+", default=None, metavar="MODEL=N", help="override SIZES' images")
     ap.add_argument("--no-detection", action="store_true", help="skip part 2")
     args = ap.parse_args()
     from revacnn import open_store
@@ -153,13 +186,24 @@ def main() -> None:
 
     for mod, name, value in ((doctor, "CONVERGED_CHANGE", args.change), (doctor, "CONVERGED_CKA", args.cka),
                              (autofreeze, "AUTO_FREEZE_PATIENCE", args.patience),
-                             (autofreeze, "AUTO_FREEZE_MIN_FRACTION", args.min_fraction)):
+                             (autofreeze, "AUTO_FREEZE_MIN_FRACTION", args.min_fraction),
+                             (autofreeze, "AUTO_FREEZE_ANNEAL_FRACTION", args.anneal),
+                             (autofreeze, "AUTO_FREEZE_SCHEDULE", False if args.no_schedule else None)):
         if value is not None:
             setattr(mod, name, value)
+    for opt, pos in ((args.train_size, 0), (args.epochs, 1)):
+        for item in opt or []:
+            m, _, n = item.partition("=")
+            sizes = list(SIZES[m])
+            sizes[pos] = int(n)
+            SIZES[m] = tuple(sizes)
     rule = {"CONVERGED_CHANGE": doctor.CONVERGED_CHANGE, "CONVERGED_CKA": doctor.CONVERGED_CKA,
             "AUTO_FREEZE_PATIENCE": autofreeze.AUTO_FREEZE_PATIENCE,
-            "AUTO_FREEZE_MIN_FRACTION": autofreeze.AUTO_FREEZE_MIN_FRACTION}
+            "AUTO_FREEZE_MIN_FRACTION": autofreeze.AUTO_FREEZE_MIN_FRACTION,
+            "AUTO_FREEZE_SCHEDULE": autofreeze.AUTO_FREEZE_SCHEDULE,
+            "AUTO_FREEZE_ANNEAL_FRACTION": autofreeze.AUTO_FREEZE_ANNEAL_FRACTION, "lr": args.lr_schedule}
     print("rule:", rule, "sizes:", {m: SIZES[m] for m in args.models}, "val:", VAL_SIZE, flush=True)
+    print("uptime:", os.popen("uptime").read().strip(), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(Path(tmp) / "store")
@@ -167,9 +211,11 @@ def main() -> None:
         for model in args.models:
             warm_up(store, model)
             for seed in range(args.seeds):
-                rows.append(auto_freeze_pair(store, model, seed, first_auto=seed % 2 == 0))
-                print(table([rows[-1]], ["model", "seed", "frozen", "saved", "saved_wall", "saved_cpu", "plain_val_acc",
-                                         "auto_val_acc", "acc_diff_pts"]), flush=True)
+                rows.append(auto_freeze_pair(store, model, seed, first_auto=seed % 2 == 0,
+                                             schedule=args.lr_schedule))
+                rows[-1]["uptime"] = os.popen("uptime").read().strip().split("load average:")[-1].strip()
+                print(table([rows[-1]], ["model", "seed", "annealed_from", "frozen", "saved", "saved_wall", "saved_cpu",
+                                         "plain_val_acc", "auto_val_acc", "acc_diff_pts", "uptime"]), flush=True)
                 print("  epoch s, plain:", rows[-1]["plain_epoch_s"], "\n  epoch s, auto: ",
                       rows[-1]["auto_epoch_s"], flush=True)
         summary = []

@@ -23,6 +23,9 @@ class LayerSpec:
     rec: RecordedLayer
     frozen: bool  # the whole layer: left out of the gradient computation
     frozen_mask: np.ndarray | None  # (F,) bool: single frozen filters (kept bit-identical)
+    #: ``(2,)`` float64 ``[start, end]`` optimizer iterations of an update-scale annealing window
+    #: (`anneal_scale`; `--auto-freeze`), or None: the layer's updates are never scaled
+    anneal: tf.Variable | None = None
 
     @property
     def layer(self) -> keras.layers.Layer:
@@ -94,6 +97,23 @@ def per_filter_l1(rec: RecordedLayer, g_kernel: tf.Tensor, g_bias: tf.Tensor | N
     return g
 
 
+ANNEAL_IDLE: float = 1e30
+"""The start (and end) of an annealing window that has not begun: the scale stays 1."""
+
+
+def anneal_scale(iteration: tf.Tensor, window: tf.Variable) -> tf.Tensor:
+    """The update scale of a layer at ``iteration``: 1 before its window, cosine down to 0 at its end.
+
+    ``window`` holds ``[start, end]`` optimizer iterations; the scale is
+    ``0.5 * (1 + cos(pi * t))`` with ``t = (iteration - start) / (end - start)`` clipped to [0, 1]
+    (FreezeOut's per-layer cosine annealing, over the window only), so it is exactly 1 before
+    ``start`` (and while the window is `ANNEAL_IDLE`) and exactly 0 from ``end`` on.
+    """
+    it = tf.cast(iteration, tf.float64)
+    t = tf.clip_by_value((it - window[0]) / tf.maximum(window[1] - window[0], 1.0), 0.0, 1.0)
+    return tf.where(t >= 1.0, tf.constant(0.0, tf.float64), 0.5 * (1.0 + tf.cos(np.pi * t)))
+
+
 def own_normalizers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
     """The BatchNormalization layers that normalize ``layer``'s output and nothing else.
 
@@ -140,6 +160,12 @@ def make_update(
     time). Frozen single filters get zero gradient and are restored after the update, so they
     stay bit-identical under any optimizer (Adam's momentum would otherwise move them).
     The per-filter gradient L1 of every unfrozen recorded layer is accumulated in the step.
+    A layer with an annealing window (`LayerSpec.anneal`; its own BatchNorm's scale and offset
+    too) moves by `anneal_scale` times the optimizer's update: ``v <- v_old + s * (v_new - v_old)``,
+    a per-layer learning-rate factor for any optimizer (the moments still see the full gradient,
+    as a smaller learning rate would leave them). At ``s == 1`` the new value is kept as the
+    optimizer made it (bit-identical to a step without the window); at ``s == 0`` the old one.
+    The window is a variable, so moving it re-traces nothing.
     """
     train_vars = trainable_split(model, specs)
     var_pos = {id(v): i for i, v in enumerate(train_vars)}
@@ -161,6 +187,14 @@ def make_update(
                     continue
                 m = tf.constant(rec.filter_mask(var, s.frozen_mask))
                 restore.append((var, gi, tf.constant(var.numpy()), m))
+    annealed = []  # (window, [variables it scales])
+    for s in specs:
+        if s.frozen or s.anneal is None:
+            continue
+        own = [*s.layer.trainable_variables, *(v for bn in own_normalizers(s.layer) for v in bn.trainable_variables)]
+        scaled = [v for v in own if id(v) in var_pos]
+        if scaled:
+            annealed.append((s.anneal, scaled))
 
     def update(x: Any, y: Any) -> tf.Tensor:
         with tf.GradientTape() as tape:
@@ -169,9 +203,15 @@ def make_update(
         grads = tape.gradient(loss, train_vars)
         for _var, gi, _, m in restore:
             grads[gi] = tf.where(m, tf.zeros_like(grads[gi]), grads[gi])
+        scales = [anneal_scale(optimizer.iterations, window) for window, _ in annealed]
+        olds = [[tf.identity(v) for v in scaled] for _, scaled in annealed]
         optimizer.apply(grads, train_vars)
         for var, _, saved, m in restore:
             var.assign(tf.where(m, saved, var))
+        for scale, (_, scaled), old in zip(scales, annealed, olds, strict=True):
+            for var, o in zip(scaled, old, strict=True):
+                sv = tf.cast(scale, var.dtype)
+                var.assign(tf.where(scale >= 1.0, var, tf.where(scale <= 0.0, o, o + sv * (var - o))))
         for rec, ki, bi, accumulator in acc:
             accumulator.assign_add(per_filter_l1(rec, grads[ki], grads[bi] if bi is not None else None))
         n = tf.shape(tf.nest.flatten(x)[0])[0]
@@ -291,10 +331,12 @@ class StepCache:
 
     @staticmethod
     def key(specs: Sequence[LayerSpec]) -> tuple[str, ...] | None:
-        """The frozen layers' names, or None when single filters are frozen (not cacheable)."""
+        """The frozen layers' names (then ``"anneal:NAME"`` of layers with an annealing window), or
+        None when single filters are frozen (not cacheable)."""
         if any(s.frozen_mask is not None and s.frozen_mask.any() for s in specs if not s.frozen):
             return None
-        return tuple(sorted(s.rec.name for s in specs if s.frozen))
+        frozen = tuple(sorted(s.rec.name for s in specs if s.frozen))
+        return frozen + tuple(sorted(f"anneal:{s.rec.name}" for s in specs if not s.frozen and s.anneal is not None))
 
     def steps(
         self,

@@ -21,6 +21,7 @@ from .checkpoint import capture
 from .recorder import EpochSnapshot, LayerSnapshot, Recorder
 from .sources import ArraySource, Source, as_source
 from .step import (
+    ANNEAL_IDLE,
     LayerSpec,
     StepCache,
     StepState,
@@ -90,6 +91,8 @@ class TrainerState:
             (``--auto-freeze`` judges convergence against it).
         convergence_streak: per conv layer, how many epochs in a row it has read `converged`
             (``--auto-freeze`` waits for `AUTO_FREEZE_PATIENCE` of them).
+        annealing: per conv layer that ``--auto-freeze`` is annealing, its window ``[start, end]``
+            in optimizer iterations (its updates are scaled from 1 down to 0 over it, then it freezes).
     """
 
     epoch: int = 0
@@ -100,6 +103,7 @@ class TrainerState:
     cumulative_time_s: float = 0.0
     convergence_peak: dict[str, float] = field(default_factory=dict)
     convergence_streak: dict[str, int] = field(default_factory=dict)
+    annealing: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,6 +115,7 @@ class TrainerState:
             "cumulative_time_s": self.cumulative_time_s,
             "convergence_peak": dict(self.convergence_peak),
             "convergence_streak": dict(self.convergence_streak),
+            "annealing": {k: list(v) for k, v in self.annealing.items()},
         }
 
     @classmethod
@@ -124,6 +129,7 @@ class TrainerState:
             cumulative_time_s=float(d.get("cumulative_time_s", 0.0)),
             convergence_peak={k: float(v) for k, v in d.get("convergence_peak", {}).items()},
             convergence_streak={k: int(v) for k, v in d.get("convergence_streak", {}).items()},
+            annealing={k: [int(a), int(b)] for k, (a, b) in d.get("annealing", {}).items()},
         )
 
 
@@ -246,7 +252,7 @@ class Trainer:
             mask = None
             if frozen_uids:
                 mask = np.array([u in frozen_uids for u in self.state.uids[r.name]], bool)
-            specs.append(LayerSpec(r, r.name in self.state.frozen_layers, mask))
+            specs.append(LayerSpec(r, r.name in self.state.frozen_layers, mask, self._anneal_window(r)))
         self.specs = specs
         if self.strategy is not None:
             from .distribute import build_distributed_step
@@ -280,6 +286,47 @@ class Trainer:
             self.step_state.loss_sum.assign(loss_sum)
             self.step_state.correct.assign(correct)
             self.step_state.seen.assign(seen)
+
+    def _anneal_window(self, rec: RecordedLayer) -> Any:
+        """The annealing-window variable of a conv layer under ``--auto-freeze`` (one host), else None.
+
+        Every conv layer the auto-freezer may freeze (all but the last) gets one from the start, idle
+        (`ANNEAL_IDLE`, scale 1), so that starting or ending an annealing re-traces nothing; its
+        value is set here from `TrainerState.annealing`, which travels with the checkpoints.
+        """
+        if self.auto_freezer is None or self.strategy is not None or rec.kind != "conv":
+            return None
+        convs = [r.name for r in self.recs if r.kind == "conv"]
+        if rec.name == convs[-1]:
+            return None
+        import tensorflow as tf
+
+        windows = self.__dict__.setdefault("_anneal_windows", {})
+        if rec.name not in windows:
+            windows[rec.name] = tf.Variable([ANNEAL_IDLE, ANNEAL_IDLE], dtype=tf.float64, trainable=False,
+                                            name=f"anneal_{rec.name}")
+        start, end = self.state.annealing.get(rec.name, (ANNEAL_IDLE, ANNEAL_IDLE))
+        windows[rec.name].assign([float(start), float(end)])
+        return windows[rec.name]
+
+    def set_anneal(self, layer: str, window: tuple[int, int] | None) -> bool:
+        """Start (``[start, end]`` iterations) or clear (None) a layer's annealing window; re-traces nothing.
+
+        Returns:
+            False when the layer has no window variable (not auto-freezable, or a distributed run),
+            so the caller freezes it at once instead.
+        """
+        var = self.__dict__.get("_anneal_windows", {}).get(layer)
+        if window is None:
+            self.state.annealing.pop(layer, None)
+            if var is not None:
+                var.assign([ANNEAL_IDLE, ANNEAL_IDLE])
+            return var is not None
+        if var is None:
+            return False
+        self.state.annealing[layer] = [int(window[0]), int(window[1])]
+        var.assign([float(window[0]), float(window[1])])
+        return True
 
     def swap(self, result: Any) -> None:
         """Adopt the model and optimizer of a surgery result, remapping filter uids, then re-trace.
