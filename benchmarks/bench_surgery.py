@@ -126,6 +126,23 @@ def in_process(samples: int, batch: int = 64) -> list[dict]:
             first_s.append(first)
             group, changed = p.group, len(p.changes)
             del res
+        # the background path (revacnn.trainer.steer.PreparedSurgery): the new model is built, traced and
+        # warmed off the training thread; the training thread then pays only the swap: the surgery again
+        # from that batch's values, moving them into the prepared variables, and the first (warm) step
+        swap_s = []
+        if op != "reinit-filters":
+            for i in range(samples):
+                a = dict(args)
+                pre = graph.apply(model, opt, {"op": op, "args": a}, seed=i)
+                _, _, pstep = make_step(pre.model, pre.optimizer)  # traced and called once (warm)
+                t0 = time.perf_counter()
+                fresh = graph.apply(model, opt, {"op": op, "args": a}, seed=i)
+                for dst, src in zip(pre.model.variables + pre.optimizer.variables,
+                                    fresh.model.variables + fresh.optimizer.variables, strict=True):
+                    dst.assign(src.value)
+                float(pstep(idx))
+                swap_s.append(time.perf_counter() - t0)
+                del pre, fresh
         tot = [a + b + c for a, b, c in zip(apply_s, trace_s, first_s, strict=True)]
         rows.append({
             "op": f"{op} {args['layer']}", "group": len(group), "layers_changed": changed,
@@ -133,6 +150,9 @@ def in_process(samples: int, batch: int = 64) -> list[dict]:
             "apply_min_ms": 1e3 * min(apply_s), "apply_max_ms": 1e3 * max(apply_s),
             "trace_ms": 1e3 * median(trace_s), "first_call_ms": 1e3 * median(first_s),
             "total_ms": 1e3 * median(tot), "total_min_ms": 1e3 * min(tot), "total_max_ms": 1e3 * max(tot),
+            "swap_ms": 1e3 * median(swap_s) if swap_s else float("nan"),
+            "swap_min_ms": 1e3 * min(swap_s) if swap_s else float("nan"),
+            "swap_max_ms": 1e3 * max(swap_s) if swap_s else float("nan"),
             "samples": samples,
         })
     stage1 = [f"conv{i}" for i in range(1, 8)] if source.startswith("revacnn") else []
@@ -156,7 +176,7 @@ def in_process(samples: int, batch: int = 64) -> list[dict]:
     return rows
 
 
-def round_trip(samples: int) -> dict:
+def round_trip(samples: int, background: bool = True) -> dict:
     """Commands sent from another thread to a live Trainer: sent -> applied -> first step trained."""
     import keras
 
@@ -201,6 +221,7 @@ def round_trip(samples: int) -> dict:
     trainer = Trainer(model=model, optimizer=opt, loss_fn=keras.losses.SparseCategoricalCrossentropy(),
                       data=TrainData.arrays(ds.x_train, ds.y_train, ds.x_val, ds.y_val), probe_images=ds.x_val[pidx],
                       probe_labels=ds.y_val[pidx], writer=writer, config=cfg, progress=False)
+    trainer.background_surgery = background
     trained_at: dict[str, float] = {}
     current: list[str | None] = [None]
     real_swap = trainer.swap
@@ -220,6 +241,14 @@ def round_trip(samples: int) -> dict:
         trainer._step_idx = timed
 
     trainer.swap = swap
+    ticks: list[float] = []  # wall clock of every batch boundary: the longest gap is the training stall
+    real_between = trainer._between_batches
+
+    def between(epoch, batch):
+        ticks.append(time.time())
+        return real_between(epoch, batch)
+
+    trainer._between_batches = between
     sent: dict[str, float] = {}
     done = threading.Event()
 
@@ -248,11 +277,22 @@ def round_trip(samples: int) -> dict:
     ev = ev[ev.event_id.isin(list(sent))]
     applied_ms = ev.latency_ms.tolist()
     total = [1e3 * (trained_at[e] - sent[e]) for e in ev.event_id if e in trained_at]
+
+    def stall(e: str) -> float:  # the longest gap between two batch boundaries from send to trained
+        t = [x for x in ticks if sent[e] <= x <= trained_at[e] + 5.0]
+        t = [sent[e]] + t
+        return 1e3 * max((b - a for a, b in zip(t, t[1:], strict=False)), default=float("nan"))
+
+    stalls = [stall(e) for e in ev.event_id if e in trained_at]
+    steady = [1e3 * (b - a) for a, b in zip(ticks, ticks[1:], strict=False)]
     return {
         "model": source, "commands": len(ev), "applied": int((ev.status == "applied").sum()),
         "sent_to_applied_ms": median(applied_ms), "sent_to_applied_max_ms": max(applied_ms, default=float("nan")),
         "sent_to_training_ms": median(total), "sent_to_training_max_ms": max(total, default=float("nan")),
         "spread_ms": statistics.pstdev(total) if len(total) > 1 else float("nan"),
+        "stall_ms": median(stalls), "stall_min_ms": min(stalls, default=float("nan")),
+        "stall_max_ms": max(stalls, default=float("nan")), "median_batch_gap_ms": median(steady),
+        "background": bool(trainer.background_surgery),
     }
 
 
@@ -261,13 +301,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--no-round-trip", action="store_true")
     p.add_argument("--no-in-process", action="store_true")
+    p.add_argument("--sync", action="store_true", help="live round trip with background surgery off")
     args = p.parse_args(argv)
     rows = [] if args.no_in_process else in_process(args.samples)
     print(table(rows, ["op", "group", "layers_changed", "plan_ms", "apply_ms", "apply_min_ms", "apply_max_ms",
-                       "trace_ms", "first_call_ms", "total_ms", "total_min_ms", "total_max_ms", "samples"]))
+                       "trace_ms", "first_call_ms", "total_ms", "total_min_ms", "total_max_ms", "swap_ms",
+                       "swap_min_ms", "swap_max_ms", "samples"]))
     out: dict = {"in_process": rows}
     if not args.no_round_trip:
-        rt = round_trip(args.samples)
+        rt = round_trip(args.samples, background=not args.sync)
         print(table([rt]))
         out["round_trip"] = rt
     print(json.dumps(out))
