@@ -256,14 +256,15 @@ class Recorder:
             if L.kind == "conv":
                 entry["kernel"] = k.astype(np.float32)
                 acts = np.moveaxis(L.activations, -1, 1) if L.activations is not None else None  # (P,F,H,W)
-                diag_rows += self._diagnose(epoch, L, k, prev if trained else {}, acts, lr, trained)
+                score = _safe(lambda: analysis.cluster_score(flat))  # noqa: B023
+                diag_rows += self._diagnose(epoch, L, k, prev if trained else {}, acts, lr, trained, score)
                 act_mean = acts.mean(axis=(0, 2, 3)) if acts is not None else np.full(F, np.nan)
                 act_max = acts.max(axis=(0, 2, 3)) if acts is not None else np.full(F, np.nan)
                 if acts is not None:
                     entry["activations"] = acts.astype(np.float16)
                 entry["act_mean"] = act_mean.astype(np.float32)
                 row["act_mean"] = float(np.mean(act_mean))
-                row["cluster_score"] = _safe(lambda: analysis.cluster_score(flat))  # noqa: B023
+                row["cluster_score"] = score
                 shares = dom = None
                 if L.rgb_input and k.shape[-1] == 3:
                     shares = analysis.rgb_shares(k)
@@ -421,7 +422,8 @@ class Recorder:
         return embeddings, layer_xy
 
     def _diagnose(self, epoch: int, L: LayerSnapshot, k: np.ndarray, prev: dict[int, np.ndarray],
-                  acts: np.ndarray | None, lr: Any, trained: bool) -> list[dict[str, Any]]:
+                  acts: np.ndarray | None, lr: Any, trained: bool,
+                  cluster: float | None = None) -> list[dict[str, Any]]:
         """The doctor's findings for one conv layer, as ``diagnoses`` rows; never raises.
 
         A record that trained nothing (epoch 0, a fork point) has no epoch-over-epoch change to
@@ -455,6 +457,7 @@ class Recorder:
                 init_kernel=init_kernel, frozen=bool(L.layer_frozen), sees_rgb=sees_rgb,
                 lr=float(lr) if isinstance(lr, (int, float)) else None,
                 peak_change=self._peak.get(L.name),
+                cluster_score=cluster,  # the layers table's, computed once (same kernel rows)
             )
             if prev_kernel is not None:
                 change = relative_change(k, prev_kernel)
