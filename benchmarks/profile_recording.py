@@ -72,7 +72,7 @@ def _instrument(trainer: Any) -> None:
     _wrap(w, "write_arrays", "worker: zarr arrays")
     _wrap(w, "write_rows", "worker: parquet rows")
     _wrap(w, "commit", "worker: commit (sync + marker)")
-    _wrap(rec_mod, "to_arrays", "worker: checkpoint to_arrays")
+    _wrap(rec_mod, "to_bytes", "worker: checkpoint to_bytes")
     _wrap(trainer.recorder, "tracker_state", "worker: tracker/doctor state")
     _wrap(trainer.recorder, "doctor_state", "worker: tracker/doctor state")
     # the live snapshot is queued with the function object taken at call time: patched above

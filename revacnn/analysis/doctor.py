@@ -141,6 +141,8 @@ class LayerArrays:
         lr: the run's learning rate (for a cluster-pattern suggestion), or None.
         peak_change: the largest relative weight change per epoch the layer had before this
             epoch (see `CONVERGED_CHANGE`), or None when unknown.
+        cluster_score: the kernel's `cluster_score` when the caller has it already (the
+            recorder computes it for the ``layers`` table), or None to compute it here.
     """
 
     name: str
@@ -156,6 +158,7 @@ class LayerArrays:
     sees_rgb: bool = False
     lr: float | None = None
     peak_change: float | None = None
+    cluster_score: float | None = None
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -302,7 +305,7 @@ def _cluster(a: LayerArrays) -> list[Diagnosis]:
     rows = _weight_rows(a.kernel, None)
     if len(rows) < 3 or not np.all(np.isfinite(rows)):
         return []
-    score = cluster_score(rows)
+    score = cluster_score(rows) if a.cluster_score is None else float(a.cluster_score)
     if score < CLUSTER_THRESHOLD:
         return []
     suggestion = None

@@ -13,9 +13,14 @@ nearest neighbour in feature space among the known filters, plus a small seeded 
 between epochs filters move as much as their features changed, and the picture neither flips nor
 rotates.
 
-Settings, measured on 2 CPU cores (see ``benchmarks/bench_embedding.py``): openTSNE's Barnes-Hut
-gradient (``theta=0.5``) with ``n_jobs=1``; the FFT-interpolation gradient has a fixed grid cost
-that makes it 7 to 100 times slower below a few thousand points. Cold: `early_iter` (250)
+Settings, measured on 2 CPU cores (see ``benchmarks/bench_embedding.py``): tracks of up to
+`EXACT_MAX` filters (every conv layer of the built-in models) use the exact gradient in numpy,
+with openTSNE's affinities and openTSNE's gradient descent replicated step for step (tested
+against openTSNE at ``theta=0``), and `EmbeddingTracker.embed_many` optimises all tracks of one
+size together: 100 warm iterations of 7 layers of 64 filters take ~30 ms where openTSNE's
+optimiser loop took ~56 ms per layer. Larger tracks (the layer-level one) use openTSNE's
+Barnes-Hut gradient (``theta=0.5``) with ``n_jobs=1``; the FFT-interpolation gradient has a fixed
+grid cost that makes it 7 to 100 times slower below a few thousand points. Cold: `early_iter` (250)
 early-exaggeration iterations then `n_iter` (250): the KL divergence barely moves after ~200
 normal iterations for 64 to 512 filters, and every warm epoch adds `warm_iter` (100) more;
 a shorter early exaggeration (200) left clusters of 64 filters to reorganise in later epochs.
@@ -46,11 +51,16 @@ import numpy as np
 
 from revacnn.errors import ConfigError
 
-__all__ = ["EmbeddingTracker", "procrustes_align"]
+__all__ = ["EXACT_MAX", "EmbeddingTracker", "procrustes_align"]
 
 _STATE_VERSION = 1
 _MAX_PERPLEXITY = 30.0
 _EARLY_EXAGGERATION = 12.0
+_MAX_STEP_NORM = 5.0  # openTSNE's default ``max_step_norm``
+
+EXACT_MAX = 192
+"""Tracks of up to this many filters are optimised with the exact gradient (numpy, batched by size);
+larger ones with openTSNE's Barnes-Hut. Measured on 2 cores (``benchmarks/bench_embedding.py``)."""
 
 
 def _fit_procrustes(
@@ -289,14 +299,60 @@ class EmbeddingTracker:
             >>> bool(np.isfinite(new).all())
             True
         """
-        uid_arr, x = self._check_inputs(key, uids, features)
+        return self.embed_many([(key, uids, features, parents)])[0]
+
+    def embed_many(
+        self, items: list[tuple[str, Any, Any, dict[int, int] | None]]
+    ) -> list[np.ndarray]:
+        """`embed` for several tracks at once: the same positions as one `embed` call per item.
+
+        The tracks of a recorded epoch (one per conv layer, many of them of equal size) are
+        optimised together: tracks with the same number of filters, up to `EXACT_MAX` of them,
+        share one vectorised exact-gradient optimisation, so a network of 21 small layers costs
+        a few array passes per iteration rather than 21 optimiser loops.
+
+        Args:
+            items: ``(key, uids, features, parents)`` per track, as for `embed` (``parents``
+                may be None); each key at most once.
+
+        Returns:
+            One (F, 2) float32 array per item, in order.
+
+        Raises:
+            ConfigError: an item is invalid (see `embed`) or a key repeats; no track changes then.
+
+        Example:
+            >>> import numpy as np
+            >>> rng = np.random.default_rng(0)
+            >>> items = [("conv1", np.arange(8), rng.normal(size=(8, 27)), None),
+            ...          ("conv2", np.arange(8), rng.normal(size=(8, 72)), None)]
+            >>> [p.shape for p in EmbeddingTracker().embed_many(items)]
+            [(8, 2), (8, 2)]
+        """
+        checked = []
+        for item in items:
+            if len(item) != 4:
+                raise ConfigError(f"embed_many takes (key, uids, features, parents) items, got {len(item)} values")
+            key, uids, features, parents = item
+            uid_arr, x = self._check_inputs(key, uids, features)
+            checked.append((key, uid_arr, x, dict(parents or {})))
+        keys = [c[0] for c in checked]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"embed_many got a key more than once: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
         with self._lock:
-            prev = self._tracks.get(key)
-            step = prev.step + 1 if prev is not None else 0
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, zlib.crc32(key.encode()), step])
-            positions = self._embed(uid_arr, x, prev, parents or {}, rng)
-            self._tracks[key] = _Track(uid_arr.copy(), positions, step)
-        return positions.astype(np.float32)
+            jobs = []
+            for key, uid_arr, x, parents in checked:
+                prev = self._tracks.get(key)
+                step = prev.step + 1 if prev is not None else 0
+                rng = np.random.default_rng([self.seed & 0xFFFFFFFF, zlib.crc32(key.encode()), step])
+                jobs.append((key, uid_arr, step, self._prepare(uid_arr, x, prev, parents, rng)))
+            self._run_jobs([job for *_, job in jobs])
+            out = []
+            for key, uid_arr, step, job in jobs:
+                positions = job.finish()
+                self._tracks[key] = _Track(uid_arr.copy(), positions, step)
+                out.append(positions.astype(np.float32))
+        return out
 
     def state_dict(self) -> dict:
         """The tracks as plain Python data (JSON-serialisable; also fits in an npz via json).
@@ -427,14 +483,15 @@ class EmbeddingTracker:
             x = np.zeros((len(x), 1))
         return uid_arr, x
 
-    def _embed(
+    def _prepare(
         self,
         uids: np.ndarray,
         x: np.ndarray,
         prev: _Track | None,
         parents: dict[int, int],
         rng: np.random.Generator,
-    ) -> np.ndarray:
+    ) -> _Job:
+        """One track's start positions and what is left to do: an optimisation, or nothing."""
         n = len(uids)
         known_pos: dict[int, np.ndarray] = {}
         if prev is not None:
@@ -443,33 +500,36 @@ class EmbeddingTracker:
         init = self._warm_init(uids, x, prev, known_pos, is_known, parents, rng)
 
         if n == 0:
-            return np.zeros((0, 2))
+            return _Job(done=np.zeros((0, 2)))
         if n < 3:
             layout = _line_layout(n)
             if prev is not None and len(prev.positions) > 1:
                 layout *= max(_rms_radius(prev.positions), 1e-3)
             if init is None:
-                return layout
+                return _Job(done=layout)
             # Move the line onto the start positions, then keep known filters where they were.
             out = procrustes_align(layout, init)
             out[is_known] = init[is_known]
-            return out
-
+            return _Job(done=out)
         if init is None:
-            emb = self._optimize(x, _pca_init(x, rng), cold=True)
-            return emb - emb.mean(axis=0)
-        emb = self._optimize(x, init, cold=False)
-        # Align on the filters that were there before; when none were (only parented new ones),
-        # on their start positions.
-        anchor = is_known if is_known.any() else np.ones(n, dtype=bool)
-        ref = init[anchor]
-        out = procrustes_align(emb[anchor], ref, moving_all=emb)
-        if self.scale and anchor.sum() >= 3:  # two points give too noisy a scale
-            r_now, r_ref = _rms_radius(out[anchor]), _rms_radius(ref)
-            if r_now > 0 and r_ref > 0:
-                centre = ref.mean(axis=0)
-                out = centre + (out - centre) * (r_ref / r_now)
-        return out
+            return _Job(x=x, start=_pca_init(x, rng), cold=True)
+        return _Job(x=x, start=init, cold=False, is_known=is_known, scale=self.scale)
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        """Optimise every pending job: exact and batched by size up to `EXACT_MAX`, Barnes-Hut above."""
+        groups: dict[tuple[int, bool], list[_Job]] = {}
+        for job in jobs:
+            if job.done is not None:
+                continue
+            n = len(job.start)
+            if n <= EXACT_MAX:
+                groups.setdefault((n, job.cold), []).append(job)
+            else:
+                job.emb = self._optimize(job.x, job.start, cold=job.cold)
+        for (_, cold), group in groups.items():
+            embs = self._optimize_exact([j.x for j in group], np.stack([j.start for j in group]), cold=cold)
+            for j, emb in zip(group, embs, strict=True):
+                j.emb = emb
 
     def _warm_init(
         self,
@@ -520,13 +580,8 @@ class EmbeddingTracker:
         from openTSNE.affinity import PerplexityBasedNN
         from openTSNE.nearest_neighbors import PrecomputedNeighbors
 
-        n = len(x)
-        perplexity = _perplexity(n)
-        k = int(min(n - 1, max(1, int(3 * perplexity))))
-        dist = _pairwise_distances(x)
-        np.fill_diagonal(dist, np.inf)
-        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-        knn = PrecomputedNeighbors(order, np.take_along_axis(dist, order, axis=1))
+        order, dist, perplexity = _neighbours(x)
+        knn = PrecomputedNeighbors(order, dist)
         logger = logging.getLogger("openTSNE")
         level = logger.level
         logger.setLevel(logging.ERROR)  # silence "perplexity too high" style warnings
@@ -557,3 +612,140 @@ class EmbeddingTracker:
         if not np.all(np.isfinite(out)):  # pragma: no cover - openTSNE safety net
             raise ConfigError("t-SNE produced non-finite positions")
         return out
+
+    def _optimize_exact(self, xs: list[np.ndarray], init: np.ndarray, *, cold: bool) -> np.ndarray:
+        """`_optimize` with the exact gradient, for B tracks of N filters at once (numpy).
+
+        The same affinities (openTSNE's perplexity calibration on the same exact neighbours) and
+        the same gradient descent as openTSNE's (momentum, gains, learning rate ``N /
+        exaggeration``, steps clipped to norm 5, re-centred every iteration); only the gradient is
+        exact instead of Barnes-Hut's approximation (``theta=0`` in openTSNE's terms).
+
+        Args:
+            xs: B feature matrices of N rows each.
+            init: (B, N, 2) start positions.
+            cold: run `early_iter` early-exaggeration iterations then `n_iter`, else `warm_iter`.
+
+        Returns:
+            (B, N, 2) positions.
+        """
+        p = np.stack([_joint_probabilities(x) for x in xs])
+        y = np.array(init, dtype=np.float64)
+        phases = [(_EARLY_EXAGGERATION, self.early_iter), (1.0, self.n_iter)] if cold else [(1.0, self.warm_iter)]
+        y = _exact_descent(p, y, [(e, i) for e, i in phases if i > 0])
+        if not np.all(np.isfinite(y)):  # pragma: no cover - safety net, as for openTSNE
+            raise ConfigError("t-SNE produced non-finite positions")
+        return y
+
+
+@dataclass
+class _Job:
+    """One track's embedding in `EmbeddingTracker.embed_many`: its start and, once run, its result."""
+
+    done: np.ndarray | None = None  # final positions that need no optimisation (fewer than 3 filters)
+    x: np.ndarray | None = None
+    start: np.ndarray | None = None
+    cold: bool = True
+    is_known: np.ndarray | None = None  # warm: the filters of the previous epoch (alignment anchors)
+    scale: bool = True
+    emb: np.ndarray | None = None  # the optimised positions
+
+    def finish(self) -> np.ndarray:
+        """The final positions: a cold layout centred; a warm one aligned on the previous epoch."""
+        if self.done is not None:
+            return self.done
+        emb = self.emb
+        assert emb is not None and self.start is not None
+        if self.cold:
+            return emb - emb.mean(axis=0)
+        # Align on the filters that were there before; when none were (only parented new ones),
+        # on their start positions.
+        known = self.is_known
+        anchor = known if known is not None and known.any() else np.ones(len(emb), dtype=bool)
+        ref = self.start[anchor]
+        out = procrustes_align(emb[anchor], ref, moving_all=emb)
+        if self.scale and anchor.sum() >= 3:  # two points give too noisy a scale
+            r_now, r_ref = _rms_radius(out[anchor]), _rms_radius(ref)
+            if r_now > 0 and r_ref > 0:
+                centre = ref.mean(axis=0)
+                out = centre + (out - centre) * (r_ref / r_now)
+        return out
+
+
+def _neighbours(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each row's exact nearest neighbours (stable order for ties), their distances, the perplexity."""
+    n = len(x)
+    perplexity = _perplexity(n)
+    k = int(min(n - 1, max(1, int(3 * perplexity))))
+    dist = _pairwise_distances(x)
+    np.fill_diagonal(dist, np.inf)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(dist, order, axis=1), perplexity
+
+
+def _joint_probabilities(x: np.ndarray) -> np.ndarray:
+    """The dense (N, N) joint affinities P of openTSNE's `PerplexityBasedNN` (symmetric, sum 1)."""
+    from openTSNE.affinity import joint_probabilities_nn
+
+    order, dist, perplexity = _neighbours(x)
+    if perplexity > order.shape[1]:  # as openTSNE's `check_perplexity` (never with `_perplexity`'s values)
+        perplexity = order.shape[1] / 3
+    logger = logging.getLogger("openTSNE")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        p = joint_probabilities_nn(order, dist, [perplexity], symmetrize=True, n_jobs=1)
+    finally:
+        logger.setLevel(level)
+    return np.asarray(p.toarray(), dtype=np.float64)
+
+
+def _exact_gradient(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The t-SNE gradient for (B, N, 2) positions and (B, N, N) affinities, in openTSNE's units.
+
+    ``g_i = sum_j (p_ij - q_ij / Z) q_ij (y_i - y_j)`` with ``q_ij = 1 / (1 + |y_i - y_j|**2)``
+    and ``Z = sum_{i != j} q_ij`` (openTSNE leaves out the constant factor 4).
+    """
+    n = y.shape[1]
+    sq = np.einsum("bij,bij->bi", y, y)
+    q = y @ y.transpose(0, 2, 1)
+    q *= -2.0
+    q += sq[:, :, None]
+    q += sq[:, None, :]
+    np.maximum(q, 0.0, out=q)
+    q += 1.0
+    np.reciprocal(q, out=q)
+    diag = np.arange(n)
+    q[:, diag, diag] = 0.0
+    z = q.sum(axis=(1, 2))
+    m = q * (1.0 / z)[:, None, None]
+    np.subtract(p, m, out=m)
+    m *= q
+    return m.sum(axis=2)[:, :, None] * y - m @ y
+
+
+def _exact_descent(p: np.ndarray, y: np.ndarray, phases: list[tuple[float, int]]) -> np.ndarray:
+    """openTSNE's gradient descent (momentum 0.8, gains, min gain 0.01, step norm <= 5) on B layouts.
+
+    ``phases``: (exaggeration, iterations) in order; the gains and the momentum carry over from
+    one phase to the next, as in openTSNE's `TSNEEmbedding.optimize(inplace=True)`.
+    """
+    n = y.shape[1]
+    update = np.zeros_like(y)
+    gains = np.ones_like(y)
+    for exaggeration, n_iter in phases:
+        pe = p * exaggeration if exaggeration != 1.0 else p
+        lr = n / exaggeration
+        for _ in range(n_iter):
+            grad = _exact_gradient(y, pe)
+            flipped = np.sign(update) != np.sign(grad)
+            gains = np.where(flipped, gains + 0.2, gains * 0.8 + 0.01)
+            update *= 0.8
+            update -= lr * gains * grad
+            norms = np.sqrt(np.einsum("bij,bij->bi", update, update))
+            big = norms > _MAX_STEP_NORM
+            if big.any():
+                update[big] *= (_MAX_STEP_NORM / norms[big])[:, None]
+            y += update
+            y -= y.mean(axis=1, keepdims=True)
+    return y

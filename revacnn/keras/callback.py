@@ -282,7 +282,8 @@ class RevacnnCallback(keras.callbacks.Callback):
         assert core is not None
         self._batches = batch + 1
         core.writer.heartbeat()
-        if self.live_every_s and time.perf_counter() - core._t_live >= self.live_every_s:
+        if self.live_every_s and time.perf_counter() - core._t_live >= max(self.live_every_s,
+                                                                            getattr(core, "_live_gap", 0.0)):
             core._publish_live(core.epoch_in_progress, batch + 1, int((self.params or {}).get("steps") or 0))
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

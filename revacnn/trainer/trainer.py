@@ -34,6 +34,12 @@ log = logging.getLogger("revacnn.trainer")
 
 EVAL_BATCH = 500
 
+LIVE_CPU_SHARE = 0.05
+"""At most this share of the time goes into live snapshots: each one's cost (the probe pass,
+copies on the training thread, the worker's write) spaces the next one by cost / share, so a
+large model's snapshots come less often than ``live_every_s`` (resnet20 on 2 cores: ~0.25 s each,
+so every ~5 s) while a small one's keep the period. One at every epoch's end is always written."""
+
 
 @dataclass
 class TrainData:
@@ -225,6 +231,8 @@ class Trainer:
         self.batch_history: list[tuple[int, int, float, float, float]] = []
         self._last_live = 0.0  # wall clock of the last live snapshot (time.time)
         self._t_live = time.perf_counter()  # its monotonic twin; the live period spans epochs
+        self._live_gap = 0.0  # the least spacing of live snapshots their cost allows (LIVE_CPU_SHARE)
+        self._live_write_s = 0.0  # the worker's CPU seconds for the last live snapshot's write
         self._pending_parents: dict[str, dict[int, int]] = {}
         from ..steering.channel import CommandQueue
 
@@ -684,7 +692,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
                 # The period spans epochs: a wall-clock clock kept on the trainer, not per epoch,
                 # so epochs shorter than ``live_every_s`` still publish.
-                if live_every and time.perf_counter() - self._t_live >= live_every:
+                if live_every and time.perf_counter() - self._t_live >= max(live_every, self._live_gap):
                     self._publish_live(epoch, b + 1, nb or b + 1)
                 self.writer.heartbeat()
         finally:
@@ -729,7 +737,7 @@ class Trainer:
         if throttle and time.time() - self._last_live < max(self.config.live_every_s, 0.5):
             return
         self._last_live = time.time()
-        self._t_live = time.perf_counter()
+        self._t_live = t0 = time.perf_counter()
         loss, acc = self.step_state.metrics()
         self.batch_history.append((epoch, batch, loss, acc, time.time()))
         del self.batch_history[:-5000]
@@ -750,8 +758,20 @@ class Trainer:
             "published_at": time.time(),
         }
         conv_names = list(kernels)
+
+        def write(*args: Any) -> None:
+            c = time.thread_time()
+            try:
+                write_live_snapshot(*args)
+            finally:
+                self._live_write_s = time.thread_time() - c
+
         self.recorder.call(
-            write_live_snapshot, self.store, self.run_id, meta, kernels,
+            write, self.store, self.run_id, meta, kernels,
             {n: np.moveaxis(a, -1, 1).astype(np.float16) for n, a in zip(conv_names, acts, strict=False)},
             probs, list(self.batch_history),
         )
+        # the next one waits until this one's cost is LIVE_CPU_SHARE of the time (the write's
+        # cost is the previous snapshot's, known by now)
+        cost = time.perf_counter() - t0 + getattr(self, "_live_write_s", 0.0)
+        self._live_gap = cost / LIVE_CPU_SHARE

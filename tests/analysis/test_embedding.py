@@ -256,3 +256,81 @@ def test_bad_inputs_raise_config_error() -> None:
         tracker.load_state_dict({"nothing": True})
     with pytest.raises(ConfigError):
         EmbeddingTracker(warm_iter=0)
+
+
+# ---------------------------------------------------------------- the exact, batched optimiser
+
+
+def _openTSNE_affinities(x: np.ndarray):
+    """openTSNE's own affinities on exact neighbours (its `PerplexityBasedNN`), as the tracker asks."""
+    from openTSNE.affinity import PerplexityBasedNN
+    from openTSNE.nearest_neighbors import PrecomputedNeighbors
+    from scipy.spatial.distance import cdist
+
+    n = len(x)
+    perplexity = float(min(30.0, max(min(2.0, 0.75 * (n - 1)), (n - 1) / 3.0)))
+    k = int(min(n - 1, int(3 * perplexity)))
+    dist = cdist(x, x)
+    np.fill_diagonal(dist, np.inf)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    knn = PrecomputedNeighbors(order, np.take_along_axis(dist, order, axis=1))
+    return PerplexityBasedNN(perplexity=perplexity, knn_index=knn, n_jobs=1, verbose=False)
+
+
+@pytest.mark.parametrize("n", [5, 16, 64])
+def test_exact_affinities_and_gradient_equal_openTSNE(n: int) -> None:
+    """The numpy path's P is openTSNE's, its gradient openTSNE's exact (theta = 0) Barnes-Hut one."""
+    from openTSNE.tsne import kl_divergence_bh
+
+    from revacnn.analysis.embedding import _exact_gradient, _joint_probabilities
+
+    rng = np.random.default_rng(n)
+    xs = [rng.normal(size=(n, 12)) for _ in range(3)]
+    ys = rng.normal(size=(3, n, 2))
+    ours = np.stack([_joint_probabilities(x) for x in xs])
+    grads = _exact_gradient(ys, ours)
+    for x, y, p, g in zip(xs, ys, ours, grads, strict=True):
+        ref = _openTSNE_affinities(x).P
+        np.testing.assert_allclose(p, ref.toarray(), rtol=1e-12, atol=1e-15)
+        _, ref_grad = kl_divergence_bh(np.ascontiguousarray(y), ref, 1, {"theta": 0.0})
+        np.testing.assert_allclose(g, ref_grad, rtol=1e-9, atol=1e-12 * np.abs(ref_grad).max())
+
+
+def test_exact_descent_follows_openTSNE() -> None:
+    """Early exaggeration then normal iterations track openTSNE's own optimiser run at theta = 0."""
+    from openTSNE import TSNEEmbedding
+
+    from revacnn.analysis.embedding import _EARLY_EXAGGERATION, _exact_descent
+
+    n = 24
+    x = _drifting_features(n, 27, epochs=1, step=0.0, seed=11)[0]
+    aff = _openTSNE_affinities(x)
+    # (from a unit-scale start: at openTSNE's 1e-4 its quadtree and ours part at ~1e-12 after
+    # ~10 iterations, and the gains' sign test then amplifies that)
+    init = np.random.default_rng(0).normal(0.0, 1.0, size=(n, 2))
+    emb = TSNEEmbedding(init.copy(), aff, negative_gradient_method="bh", theta=0.0, n_jobs=1, verbose=False)
+    emb = emb.optimize(80, exaggeration=_EARLY_EXAGGERATION, momentum=0.8, inplace=True)
+    emb = emb.optimize(80, momentum=0.8, inplace=True)
+    ours = _exact_descent(aff.P.toarray()[None], init[None].copy(), [(_EARLY_EXAGGERATION, 80), (1.0, 80)])[0]
+    scale = _rms_radius(np.asarray(emb))
+    assert scale > 1.0  # the layout did unfold: the comparison is not between two specks
+    np.testing.assert_allclose(ours, np.asarray(emb), atol=1e-9 * scale)
+
+
+def test_embed_many_equals_one_embed_per_track() -> None:
+    """A batched epoch (tracks of equal and unequal sizes, cold and warm) gives each track's `embed`."""
+    rng = np.random.default_rng(21)
+    sizes = {"a": 16, "b": 16, "c": 32, "d": 2, "e": 300}
+    feats = {k: _drifting_features(n, 18, epochs=3, step=0.05, seed=i) for i, (k, n) in enumerate(sizes.items())}
+    one, many = EmbeddingTracker(seed=5), EmbeddingTracker(seed=5)
+    for epoch in range(3):
+        items = [(k, np.arange(n), feats[k][epoch], None) for k, n in sizes.items()]
+        if epoch == 2:  # a new filter with a parent in track "a"
+            x = np.vstack([feats["a"][2], feats["a"][2][3] + 0.01 * rng.normal(size=18)])
+            items[0] = ("a", np.arange(17), x, {16: 3})
+        batched = many.embed_many(items)
+        for (k, uids, x, parents), got in zip(items, batched, strict=True):
+            np.testing.assert_array_equal(got, one.embed(k, uids, x, parents=parents))
+    assert many.state_dict()["tracks"].keys() == one.state_dict()["tracks"].keys()
+    with pytest.raises(ConfigError, match="more than once"):
+        many.embed_many([("a", np.arange(3), np.eye(3), None), ("a", np.arange(3), np.eye(3), None)])

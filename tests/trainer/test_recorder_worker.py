@@ -50,3 +50,33 @@ def test_lower_thread_priority_changes_only_the_calling_thread():
     assert seen == {"lowered": True, "nice": min(19, main + 3)}
     assert os.getpriority(os.PRIO_PROCESS, os.getpid()) == main
     assert lower_thread_priority(0) is False  # 0: left as it is
+
+
+def test_a_diverged_layer_misses_its_embedding_alone():
+    """One layer's NaN kernel fails its embedding only; the others equal a sequential tracker's."""
+    from revacnn.trainer.recorder import EpochSnapshot, LayerSnapshot, Recorder
+
+    rng = np.random.default_rng(0)
+
+    def layer(name: str, index: int, kernel: np.ndarray) -> LayerSnapshot:
+        f = kernel.shape[-1]
+        return LayerSnapshot(name=name, kind="conv", index=index, kernel=kernel, bias=np.zeros(f, np.float32),
+                             grad_l1=np.ones(f, np.float32), uids=np.arange(f), frozen_mask=np.zeros(f, bool),
+                             layer_frozen=False)
+
+    kernels = {"c1": rng.normal(size=(3, 3, 3, 8)), "c2": rng.normal(size=(3, 3, 8, 8)),
+               "c3": rng.normal(size=(3, 3, 8, 16))}
+    kernels["c2"][0, 0, 0, 3] = np.nan
+    snap = EpochSnapshot(epoch=0, metrics={}, layers=[layer(n, i, k) for i, (n, k) in enumerate(kernels.items())],
+                         probabilities=np.zeros((1, 2)), probe_labels=np.zeros(1, np.int64), checkpoint=None)
+    rec = Recorder(None, embeddings=True, seed=3)  # the worker thread is not used: no writer needed
+    try:
+        embeddings, _ = rec._embed_epoch(snap, [])
+    finally:
+        rec.close()
+    assert sorted(embeddings) == ["c1", "c3"]
+    assert any("c2" in e and "non-finite" in e for e in rec.errors), rec.errors
+    ref = EmbeddingTracker(seed=3)
+    for name in ("c1", "c3"):
+        k = np.moveaxis(kernels[name], -1, 0)
+        np.testing.assert_array_equal(embeddings[name], ref.embed(name, np.arange(len(k)), k.reshape(len(k), -1)))
