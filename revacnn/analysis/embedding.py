@@ -14,7 +14,7 @@ between epochs filters move as much as their features changed, and the picture n
 rotates.
 
 Settings, measured on 2 CPU cores (see ``benchmarks/bench_embedding.py``): tracks of up to
-`EXACT_MAX` filters (every conv layer of the built-in models) use the exact gradient in numpy,
+`EXACT_MAX` filters (off by default, see there; 192 would take every conv layer of the built-in models) use the exact gradient in numpy,
 with openTSNE's affinities and openTSNE's gradient descent replicated step for step (tested
 against openTSNE at ``theta=0``), and `EmbeddingTracker.embed_many` optimises all tracks of one
 size together: 100 warm iterations of 7 layers of 64 filters take ~30 ms where openTSNE's
@@ -58,9 +58,13 @@ _MAX_PERPLEXITY = 30.0
 _EARLY_EXAGGERATION = 12.0
 _MAX_STEP_NORM = 5.0  # openTSNE's default ``max_step_norm``
 
-EXACT_MAX = 192
+EXACT_MAX = 0
 """Tracks of up to this many filters are optimised with the exact gradient (numpy, batched by size);
-larger ones with openTSNE's Barnes-Hut. Measured on 2 cores (``benchmarks/bench_embedding.py``)."""
+larger ones with openTSNE's Barnes-Hut. Off (0) by default: the numpy loop makes thousands of small
+calls that hold the GIL, and beside a training thread that dispatches one step per batch it
+doubled the wall time of the recording tests (80 s vs 33 s for test_fork + test_recording +
+test_steering, quiet 2-core machine), while openTSNE's optimiser runs without the GIL. Set it
+(e.g. 192) where the worker's CPU matters more than the training loop's latency."""
 
 
 def _fit_procrustes(
