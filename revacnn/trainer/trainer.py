@@ -233,6 +233,7 @@ class Trainer:
         self._t_live = time.perf_counter()  # its monotonic twin; the live period spans epochs
         self._live_gap = 0.0  # the least spacing of live snapshots their cost allows (LIVE_CPU_SHARE)
         self._live_write_s = 0.0  # the worker's CPU seconds for the last live snapshot's write
+        self._anneal_windows: dict[str, Any] = {}  # conv layer -> its annealing-window variable
         self._pending_parents: dict[str, dict[int, int]] = {}
         from ..steering.channel import CommandQueue
 
@@ -315,7 +316,7 @@ class Trainer:
             return None
         import tensorflow as tf
 
-        windows = self.__dict__.setdefault("_anneal_windows", {})
+        windows = self._anneal_windows
         if rec.name not in windows:
             windows[rec.name] = tf.Variable([ANNEAL_IDLE, ANNEAL_IDLE], dtype=tf.float64, trainable=False,
                                             name=f"anneal_{rec.name}")
@@ -330,7 +331,7 @@ class Trainer:
             False when the layer has no window variable (not auto-freezable, or a distributed run),
             so the caller freezes it at once instead.
         """
-        var = self.__dict__.get("_anneal_windows", {}).get(layer)
+        var = self._anneal_windows.get(layer)
         if window is None:
             self.state.annealing.pop(layer, None)
             if var is not None:
@@ -773,5 +774,5 @@ class Trainer:
         )
         # the next one waits until this one's cost is LIVE_CPU_SHARE of the time (the write's
         # cost is the previous snapshot's, known by now)
-        cost = time.perf_counter() - t0 + getattr(self, "_live_write_s", 0.0)
+        cost = time.perf_counter() - t0 + self._live_write_s
         self._live_gap = cost / LIVE_CPU_SHARE
