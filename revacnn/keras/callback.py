@@ -55,7 +55,6 @@ class _FitCore(Trainer):
 
     def __init__(self, model: keras.Model, writer: RunWriter, config: TrainConfig, probe_images: np.ndarray,
                  probe_labels: np.ndarray) -> None:
-        from ..steering.channel import CommandQueue
         from ..trainer.recorder import Recorder
 
         self.model = model
@@ -77,15 +76,7 @@ class _FitCore(Trainer):
             self.state.next_uid[r.name] = r.n_filters
         self.recorder = Recorder(writer, embeddings=config.embeddings, embedding_features=config.embedding_features,
                                  seed=config.seed)
-        self.paused = False
-        self.stop_requested = False
-        self.batch = 0
-        self.n_batches = 0
-        self.batch_history: list[tuple[int, int, float, float, float]] = []
-        self._last_live = 0.0
-        self._t_live = time.perf_counter()
-        self._pending_parents: dict[str, dict[int, int]] = {}
-        self.commands = CommandQueue(self.store, self.run_id)
+        self._init_loop_state()
         self.val: tuple[float, float] = (float("nan"), float("nan"))
         self.auto_freezer = None  # the user's fit decides; auto-freeze runs under revacnn.fit only
         self.user_callbacks: list[Any] = []

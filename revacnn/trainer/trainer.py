@@ -224,6 +224,14 @@ class Trainer:
             self.applied: list[list[Any]] = []  # [command id, op, epoch, batch] of every command applied
             if hasattr(writer, "state_fn"):
                 writer.state_fn = lambda: worker_state(self)
+        self._init_loop_state()
+        self.auto_freezer = AutoFreezer() if config.auto_freeze else None
+        self.rebuild()
+
+    def _init_loop_state(self) -> None:
+        """The per-run loop state both drivers share (this batch loop and the Keras callback's)."""
+        from ..steering.channel import CommandQueue
+
         self.paused = False
         self.stop_requested = False
         self.batch = 0
@@ -235,11 +243,7 @@ class Trainer:
         self._live_write_s = 0.0  # the worker's CPU seconds for the last live snapshot's write
         self._anneal_windows: dict[str, Any] = {}  # conv layer -> its annealing-window variable
         self._pending_parents: dict[str, dict[int, int]] = {}
-        from ..steering.channel import CommandQueue
-
         self.commands = CommandQueue(self.store, self.run_id)
-        self.auto_freezer = AutoFreezer() if config.auto_freeze else None
-        self.rebuild()
 
     # ------------------------------------------------------------------ structure
     def scope(self) -> Any:
