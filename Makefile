@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/revacnn demo --store $(STORE)
 
 test: $(STAMP)  # includes tests/test_import_contract.py (lint-imports)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
