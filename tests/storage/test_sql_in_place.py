@@ -311,6 +311,10 @@ def test_the_runs_and_sessions_tables_follow_their_files_while_the_views_are_reu
     status.write_text(json.dumps({**json.loads(status.read_text()), "status": "running"}))
     _age(store)
     assert reader.sql(f"SELECT status FROM runs WHERE run_id = '{live.run_id}'").status[0] == "running"
+    n = len(built)
+    assert reader.sql(f"SELECT status FROM runs WHERE run_id = '{live.run_id}'").status[0] == "running"
+    reader.sql("SELECT 1")
+    assert len(built) == n + 1  # the tables are now reused: only the trainer's liveness can tell
     monkeypatch.setattr(Run, "_trainer_alive", staticmethod(lambda info: False))
     assert reader.sql(f"SELECT status FROM runs WHERE run_id = '{live.run_id}'").status[0] == "interrupted"
     # a new session (and its probes) appear in the next query
