@@ -252,7 +252,9 @@ class SQLEngine:
     other file (``allowed_paths``), write none, use at most ``memory_limit`` of memory and
     ``timeout_s`` of time, and only single SELECT statements are accepted; a result may take at
     most ``memory_limit`` as a DataFrame too. The connection and its views are reused while the set
-    of files (checked with a few ``stat`` calls per run), the runs and the sessions are unchanged.
+    of files (checked with a few ``stat`` calls per run), the runs and the sessions are unchanged;
+    the runs, sessions and probes tables are read again only when their files' stamps (or a running
+    trainer's liveness) changed (`Store._meta_key`).
 
     A file that vanishes under a query (a compaction switched generation, a resume discarded an
     epoch) makes the query start over on a fresh listing; a corrupt file is left out with a
