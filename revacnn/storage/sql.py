@@ -252,7 +252,9 @@ class SQLEngine:
     other file (``allowed_paths``), write none, use at most ``memory_limit`` of memory and
     ``timeout_s`` of time, and only single SELECT statements are accepted; a result may take at
     most ``memory_limit`` as a DataFrame too. The connection and its views are reused while the set
-    of files (checked with a few ``stat`` calls per run), the runs and the sessions are unchanged.
+    of files (checked with a few ``stat`` calls per run), the runs and the sessions are unchanged;
+    the runs, sessions and probes tables are read again only when their files' stamps (or a running
+    trainer's liveness) changed (`Store._meta_key`).
 
     A file that vanishes under a query (a compaction switched generation, a resume discarded an
     epoch) makes the query start over on a fresh listing; a corrupt file is left out with a
@@ -273,10 +275,13 @@ class SQLEngine:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._fingerprint: object = None
         self._frames: tuple[pd.DataFrame, ...] = ()  # the runs, sessions and probes tables of the connection
+        self._meta: object = None  # `Store._meta_key` of the files behind ``_frames``
         self._paths: dict[str, tuple[Path, str]] = {}  # the files the views read: name -> (path, table)
         self._union: set[str] = set()  # tables whose files do not all have every column
         self._listed: dict[str, tuple[tuple[int, ...], RunFiles, tuple[Path, ...]]] = {}
         self._stamp_paths: dict[str, list[str]] = {}
+        # the last `list_files` answer and the runs' listings it was made of (the same objects: the same files)
+        self._last_snapshot: tuple[tuple[tuple[str, RunFiles, tuple[Path, ...]], ...], Snapshot] | None = None
         self._bad: dict[Path, tuple[tuple[int, int], str]] = {}  # corrupt files: (mtime, size), message
         self._checked: dict[Path, tuple[int, int]] = {}  # files whose Parquet frame looked whole
 
@@ -292,22 +297,29 @@ class SQLEngine:
             >>> engine.list_files(store.run_ids()).files["filters"][:1]
             [PosixPath('store/runs/run-…/tables/filters/compact-g000001.parquet')]
         """
+        listings: list[tuple[str, RunFiles, tuple[Path, ...]]] = []
+        for run_id in run_ids:
+            try:
+                listings.append((run_id, *self._run_listing(run_id)))
+            except StoreError as exc:
+                warnings.warn(f"the tables of run {run_id} are left out: {exc}", CorruptStoreWarning, stacklevel=4)
+        last = self._last_snapshot
+        if last is not None and len(last[0]) == len(listings) and all(  # the very listings of the last answer
+                a[0] == b[0] and a[1] is b[1] and a[2] is b[2] for a, b in zip(last[0], listings, strict=True)):
+            return last[1]
         files: dict[str, list[Path]] = {t: [] for t in _SCHEMAS}
         runs: dict[str, RunFiles] = {}
         owner: dict[Path, tuple[str, str]] = {}
-        for run_id in run_ids:
-            try:
-                rf, events = self._run_listing(run_id)
-            except StoreError as exc:
-                warnings.warn(f"the tables of run {run_id} are left out: {exc}", CorruptStoreWarning, stacklevel=4)
-                continue
+        for run_id, rf, events in listings:
             runs[run_id] = rf
             for t in SEGMENT_TABLES:
                 files[t].extend(rf.files[t])
                 owner.update((p, (run_id, t)) for p in rf.files[t])
             files["events"].extend(events)
             owner.update((p, (run_id, "events")) for p in events)
-        return Snapshot(files, runs, owner)
+        snap = Snapshot(files, runs, owner)
+        self._last_snapshot = (tuple(listings), snap)
+        return snap
 
     def _stamp(self, run_id: str) -> tuple[int, ...]:
         paths = self._stamp_paths.get(run_id)
@@ -438,9 +450,14 @@ class SQLEngine:
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
         store = self._store
-        runs = store.runs()
-        sessions = store.sessions()
-        probes = store._probe_rows()
+        meta = store._meta_key()  # before the tables are read: a change after it shows next time
+        with self._lock:
+            known, frames = self._meta, self._frames
+        same_meta = meta is not None and meta == known
+        if same_meta:  # the runs, sessions and probes files are those of the connection's tables
+            runs, sessions, probes = frames
+        else:
+            runs, sessions, probes = store.runs(), store.sessions(), store._probe_rows()
         snap = self.list_files(list(runs["run_id"]))
         key = snap.key()
 
@@ -449,7 +466,9 @@ class SQLEngine:
 
         with self._lock:
             if (self._con is not None and fingerprint() == self._fingerprint
-                    and all(a.equals(b) for a, b in zip((runs, sessions, probes), self._frames, strict=True))):
+                    and all(a is b or a.equals(b) for a, b in zip((runs, sessions, probes), self._frames,
+                                                                  strict=True))):
+                self._meta = meta
                 return self._con
             files, bad_epochs = self._usable(snap)
             history = store.history_rows()
@@ -494,6 +513,7 @@ class SQLEngine:
             # The old connection is not closed here: another thread may still be reading from a
             # cursor of it; it is freed when the last reference goes.
             self._con, self._fingerprint, self._frames = con, fingerprint(), (runs, sessions, probes)
+            self._meta = meta
         return con
 
     def query(self, sql: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> pd.DataFrame:
@@ -517,10 +537,10 @@ class SQLEngine:
         try:
             cur.execute(sql)
             parts = [cur.fetch_df_chunk(_CHUNK_VECTORS)]
-            size = int(parts[0].memory_usage(deep=True).sum())
+            size = _frame_bytes(parts[0])
             while len(parts[-1]) and size <= self._max_result_bytes:
                 parts.append(cur.fetch_df_chunk(_CHUNK_VECTORS))
-                size += int(parts[-1].memory_usage(deep=True).sum())
+                size += _frame_bytes(parts[-1])
             if size > self._max_result_bytes:
                 raise SQLError(
                     f"Query result needs more than the memory limit of {self._memory_limit} "
@@ -550,6 +570,11 @@ class SQLEngine:
             if timer is not None:
                 timer.cancel()
             cur.close()
+
+
+def _frame_bytes(df: pd.DataFrame) -> int:
+    """Bytes of ``df``'s columns, strings included (`DataFrame.memory_usage` without its Series of results)."""
+    return sum(int(df.iloc[:, i].memory_usage(index=False, deep=True)) for i in range(df.shape[1]))
 
 
 def _col(name: str) -> str:

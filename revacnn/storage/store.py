@@ -334,17 +334,7 @@ class Store:
         granularity could hide a second write; a ``running`` status is checked against its writer
         (`Run.status`) on every call.
         """
-        d = os.path.join(str(self.layout.runs_dir), run_id)
-        stamp: list[int] = []
-        newest = 0
-        for name in ("run.json", "status.json"):
-            try:
-                st = os.stat(os.path.join(d, name))
-                stamp += (st.st_mtime_ns, st.st_size, st.st_ino)
-                newest = max(newest, st.st_mtime_ns)
-            except OSError:
-                stamp += (0, 0, 0)
-        key = tuple(stamp)
+        key, newest = _stamps(os.path.join(str(self.layout.runs_dir), run_id), ("run.json", "status.json"))
         hit = self._run_meta.get(run_id)
         if hit is not None and hit[0] == key:
             info, raw = hit[1], hit[2]
@@ -361,6 +351,39 @@ class Store:
         if status == "running" and not Run._trainer_alive(raw):
             status = "interrupted"
         return info, status, raw
+
+    def _meta_key(self) -> tuple[object, ...] | None:
+        """What `runs`, `sessions` and the probes table read, as file stamps; None when it cannot tell.
+
+        Equal keys mean equal tables: the ``run.json``/``status.json`` of every run are those `runs`
+        last read and cached (unchanged ``(mtime, size, inode)``, older than the file system's
+        timestamp granularity), each ``running`` run's writer is as alive as before, and every
+        ``session.json`` has the same stamp and is that old. None (a run not cached, a file too
+        new): build the tables again. This lets SQL skip building three DataFrames per query.
+
+        Example:
+            >>> store.runs(); key = store._meta_key()
+            >>> key == store._meta_key()
+            True
+        """
+        racy = time.time_ns() - 1_000_000_000
+        parts: list[object] = []
+        sessions, runs = str(self.layout.sessions_dir), str(self.layout.runs_dir)
+        for sid in self.session_ids():
+            stamp, newest = _stamps(os.path.join(sessions, sid), ("session.json",))
+            if newest >= racy:
+                return None
+            parts.append((sid, stamp))
+        for rid in self.run_ids():
+            hit = self._run_meta.get(rid)
+            if hit is None:
+                return None
+            stamp, _ = _stamps(os.path.join(runs, rid), ("run.json", "status.json"))
+            if stamp != hit[0]:
+                return None
+            alive = hit[2].get("status") == "running" and Run._trainer_alive(hit[2])
+            parts.append((rid, stamp, alive))
+        return tuple(parts)
 
     def run(self, run_id: str) -> Run:
         """The run ``run_id``.
@@ -893,3 +916,17 @@ class EpochRecord:
     def metrics(self) -> dict[str, Any]:
         """The epoch's metrics (loss, accuracy, val_loss, val_accuracy, lr, duration_s …)."""
         return dict(self._group.attrs.get("metrics", {}))
+
+
+def _stamps(folder: str, names: tuple[str, ...]) -> tuple[tuple[int, ...], int]:
+    """``(mtime_ns, size, inode)`` of each file ``names`` in ``folder`` (zeros when missing), and the newest mtime."""
+    stamp: list[int] = []
+    newest = 0
+    for name in names:
+        try:
+            st = os.stat(os.path.join(folder, name))
+            stamp += (st.st_mtime_ns, st.st_size, st.st_ino)
+            newest = max(newest, st.st_mtime_ns)
+        except OSError:
+            stamp += (0, 0, 0)
+    return tuple(stamp), newest

@@ -19,6 +19,7 @@ from revacnn.errors import CorruptStoreWarning, SQLError
 from revacnn.storage import RunWriter, create_session
 from revacnn.storage._schema import EVENTS_SCHEMA, SEGMENT_TABLES
 from revacnn.storage.sql import SQLEngine
+from revacnn.storage.store import Run
 
 F = 4  # filters per layer
 LAYERS = ("conv1", "conv2")
@@ -276,3 +277,50 @@ def test_float_columns_are_written_plain_and_files_of_the_old_encoding_still_rea
     got = pq.read_table(merged).to_pandas()
     assert got[got.epoch == 3].reset_index(drop=True).equals(before[seg].to_pandas())
     _check_against_reference(reader)
+
+
+def _status_files(st) -> dict[str, str]:
+    """Each run's status as its ``status.json`` says (the reference; a live writer in this process is alive)."""
+    return {rid: json.loads((st.root / "runs" / rid / "status.json").read_text())["status"]
+            for rid in sorted(os.listdir(st.root / "runs"))}
+
+
+def test_the_runs_and_sessions_tables_follow_their_files_while_the_views_are_reused(store, monkeypatch):
+    """Queries reuse the runs, sessions and probes tables while their files are unchanged, and see at once
+    a status written, a trainer that died (same file) and a new session."""
+    done, live = store.writers
+    reader = revacnn.open_store(store.root, mode="r")
+    _age(store)
+    q = "SELECT run_id, status FROM runs ORDER BY run_id"
+    got = reader.sql(q)
+    assert dict(zip(got.run_id, got.status, strict=True)) == _status_files(store) == {
+        done.run_id: "finished", live.run_id: "running"}
+    con = reader._sql.connection()  # the files now known unchanged (cached by the first query): reused from here
+    built = []
+    real = type(reader).runs
+    monkeypatch.setattr(type(reader), "runs", lambda self: built.append(1) or real(self))
+    assert reader.sql(q).status.tolist() == got.status.tolist() and built == []  # nothing changed: reused
+    assert reader._sql.connection() is con
+    live.set_status("finished")
+    _age(store)  # the file's time as old as before: its new inode and size still tell
+    got = reader.sql(q)
+    assert dict(zip(got.run_id, got.status, strict=True)) == _status_files(store)
+    assert got.status.tolist() == ["finished", "finished"] and built
+    # a running run whose trainer died, its status file unchanged: interrupted at the next query
+    status = store.layout.status_json(live.run_id)
+    status.write_text(json.dumps({**json.loads(status.read_text()), "status": "running"}))
+    _age(store)
+    assert reader.sql(f"SELECT status FROM runs WHERE run_id = '{live.run_id}'").status[0] == "running"
+    n = len(built)
+    assert reader.sql(f"SELECT status FROM runs WHERE run_id = '{live.run_id}'").status[0] == "running"
+    reader.sql("SELECT 1")
+    assert len(built) == n + 1  # the tables are now reused: only the trainer's liveness can tell
+    monkeypatch.setattr(Run, "_trainer_alive", staticmethod(lambda info: False))
+    assert reader.sql(f"SELECT status FROM runs WHERE run_id = '{live.run_id}'").status[0] == "interrupted"
+    # a new session (and its probes) appear in the next query
+    sid = create_session(store, dataset="toy2", model="toy", probe_images=np.zeros((3, 4, 4, 3), np.uint8),
+                         probe_labels=np.array([0, 1, 1]), probe_indices=[5, 6, 7], class_names=["a", "b"], config={})
+    got = reader.sql("SELECT session_id, dataset FROM sessions ORDER BY created_at")
+    assert sorted(got.session_id) == sorted(os.listdir(store.root / "sessions")) and sid in set(got.session_id)
+    probes = reader.sql(f"SELECT probe, val_index FROM probes WHERE session_id = '{sid}' ORDER BY probe")
+    assert probes.val_index.tolist() == [5, 6, 7]
