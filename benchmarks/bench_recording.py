@@ -73,7 +73,8 @@ def build_trainer(name: str, ds: Any, batch_size: int, probes: int = 16) -> Any:
 
 
 def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int],
-                 sizes: tuple[int, int] | None = None, durable_samples: bool = False) -> dict:
+                 sizes: tuple[int, int] | None = None, durable_samples: bool = False,
+                 arm_names: tuple[str, ...] = ("fit", "recorded", "off", "pipelined")) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -122,7 +123,17 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
     writer = trainer.writer
     snapshot, submit = trainer.snapshot, trainer.recorder.submit
 
-    def recording(on: bool) -> None:
+    from revacnn.analysis import embedding
+
+    tracker = trainer.recorder.tracker
+    runner = tracker.runner if tracker is not None else None
+    exact_max = embedding.EXACT_MAX
+
+    def recording(on: bool, old: bool = False) -> None:
+        """Recording on or off; ``old``: t-SNE as before issue 11's child process (in-thread, openTSNE only)."""
+        if tracker is not None:
+            tracker.runner = None if old else runner
+        embedding.EXACT_MAX = 0 if old else exact_max
         trainer.snapshot = snapshot if on else (lambda *a, **k: None)
         trainer.recorder.submit = submit if on else (lambda s: None)
         trainer.config.live_every_s = 1.0 if on else 0.0
@@ -146,10 +157,10 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
         plain.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0, callbacks=[fit_timer])
         return fit_timer.times[-1]
 
-    def run_trainer(on: bool, n: int = 1) -> float:
+    def run_trainer(on: bool, n: int = 1, old: bool = False) -> float:
         """``n`` epochs back to back, until the last one is committed (recording on), per epoch."""
         nonlocal epoch
-        recording(on)
+        recording(on, old)
         t0 = time.perf_counter()
         for _ in range(n):
             epoch += 1
@@ -158,12 +169,14 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
             wait_commit(epoch)
         return (time.perf_counter() - t0) / n
 
-    arms = {
+    all_arms = {
         "fit": run_fit,
         "recorded": lambda: run_trainer(True),
         "off": lambda: run_trainer(False),
         "pipelined": lambda: run_trainer(True, 2),
+        "old": lambda: run_trainer(True, old=True),
     }
+    arms = {k: all_arms[k] for k in arm_names}
     t: dict[str, list[float]] = {k: [] for k in arms}
     load = [os.getloadavg()[0]]
     for i in range(samples):
@@ -195,10 +208,8 @@ def _bench_model(name: str, samples: int, batch_size: int, spe_choices: list[int
         "samples": samples,
         **{f"{k}_epoch_s": med[k] for k in t},
         **{f"{k}_spread_s": f"{min(v):.2f}-{max(v):.2f}" for k, v in t.items()},
-        "ratio_vs_fit": med["recorded"] / med["fit"],
-        "ratio_vs_off": med["recorded"] / med["off"],
-        "pipelined_vs_fit": med["pipelined"] / med["fit"],
-        "pipelined_vs_off": med["pipelined"] / med["off"],
+        **{f"{k}_vs_{ref}": med[k] / med[ref] for k in ("recorded", "pipelined", "old") for ref in ("fit", "off")
+           if k in med and ref in med},
         "loadavg": f"{load[0]:.1f}-{load[1]:.1f}",
         "worker_errors": len(trainer.recorder.errors),
     }
@@ -221,6 +232,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--spe", default="1,16", help="steps_per_execution values to tune fit over")
     p.add_argument("--train-size", type=int, default=None, help="override the per-model training subset")
     p.add_argument("--val-size", type=int, default=None, help="override the per-model validation subset")
+    p.add_argument("--arms", default="fit,recorded,off,pipelined",
+                   help="arms to alternate; 'old' is recorded with t-SNE in-thread and openTSNE only (before issue 11)")
     p.add_argument("--durable", action="store_true", help="also time durable vs non-durable commits")
     args = p.parse_args(argv)
     import tensorflow as tf
@@ -232,7 +245,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.train_size:
             sizes = (args.train_size, args.val_size or SIZES[m][1])
         rows.append(_bench_model(m, args.samples, args.batch_size, [int(s) for s in args.spe.split(",")], sizes,
-                                 durable_samples=args.durable))
+                                 durable_samples=args.durable, arm_names=tuple(args.arms.split(","))))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(table(rows))
     print(json.dumps(rows))

@@ -64,8 +64,8 @@ def _instrument(trainer: Any) -> None:
     _wrap(live_mod, "write_live_snapshot", "worker: live snapshot write")
     _wrap(rec_mod.Recorder, "_write_epoch", "worker: epoch total")
     _wrap(rec_mod.Recorder, "_diagnose", "worker: doctor")
-    _wrap(EmbeddingTracker, "embed",
-          lambda a, k: "worker: t-SNE layer-level" if a[1] == "__all__" else "worker: t-SNE per layer")
+    _wrap(EmbeddingTracker, "embed_many",
+          lambda a, k: "worker: t-SNE layer-level" if a[1][0][0] == "__all__" else "worker: t-SNE per layer")
     for f in ("cluster_score", "activation_signature", "filter_features", "rgb_shares"):
         _wrap(analysis, f, "worker: patterns")
     _wrap(w, "write_checkpoint", "worker: checkpoint write")
@@ -78,6 +78,22 @@ def _instrument(trainer: Any) -> None:
     # the live snapshot is queued with the function object taken at call time: patched above
 
 
+def _child_cpu() -> float:
+    """CPU seconds (user + system) of the t-SNE child process so far; 0 when it does not run."""
+    import os
+
+    from revacnn.analysis.tsne_process import shared_process
+
+    pid = shared_process().pid
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def profile(name: str, epochs: int, batch_size: int) -> list[dict[str, Any]]:
     from revacnn.data import load_dataset
 
@@ -88,6 +104,7 @@ def profile(name: str, epochs: int, batch_size: int) -> list[dict[str, Any]]:
     _acc.clear()
     _instrument(trainer)
     per_epoch: list[dict[str, float]] = []
+    child_cpu = _child_cpu()
     trainer.record(0, train_loss=None, train_acc=None, duration=0.0, n_batches=0)
     for epoch in range(1, epochs + 1):
         before = {k: len(v) for k, v in _acc.items()}
@@ -99,6 +116,9 @@ def profile(name: str, epochs: int, batch_size: int) -> list[dict[str, Any]]:
                 raise RuntimeError(trainer.recorder.errors[-1])
             time.sleep(0.002)
         sums = {k: sum(v[before.get(k, 0):]) for k, v in list(_acc.items())}
+        child_now = _child_cpu()
+        sums["worker: t-SNE child process cpu"] = child_now - child_cpu
+        child_cpu = child_now
         sums["epoch until committed wall"] = time.perf_counter() - t0
         sums["train thread epoch wall"] = t_train
         per_epoch.append(sums)

@@ -42,8 +42,10 @@ track resumes from its last good positions.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,20 +53,21 @@ import numpy as np
 
 from revacnn.errors import ConfigError
 
-__all__ = ["EXACT_MAX", "EmbeddingTracker", "procrustes_align"]
+__all__ = ["EXACT_MAX", "EmbeddingTracker", "optimize_tracks", "procrustes_align"]
 
 _STATE_VERSION = 1
 _MAX_PERPLEXITY = 30.0
 _EARLY_EXAGGERATION = 12.0
 _MAX_STEP_NORM = 5.0  # openTSNE's default ``max_step_norm``
 
-EXACT_MAX = 0
-"""Tracks of up to this many filters are optimised with the exact gradient (numpy, batched by size);
-larger ones with openTSNE's Barnes-Hut. Off (0) by default: the numpy loop makes thousands of small
-calls that hold the GIL, and beside a training thread that dispatches one step per batch it
-doubled the wall time of the recording tests (80 s vs 33 s for test_fork + test_recording +
-test_steering, quiet 2-core machine), while openTSNE's optimiser runs without the GIL. Set it
-(e.g. 192) where the worker's CPU matters more than the training loop's latency."""
+EXACT_MAX = int(os.environ.get("REVACNN_TSNE_EXACT_MAX", "192") or 0)
+"""Tracks of up to this many filters (192 takes every conv layer of the built-in models) are
+optimised with the exact gradient (numpy, batched by size); larger ones with openTSNE's Barnes-Hut.
+The numpy loop makes thousands of small calls that hold the GIL: beside a training thread it
+doubled the wall time of the recording tests (80 s vs 33 s, quiet 2-core machine), so the recorder
+runs the optimisations in a child process (`revacnn.analysis.tsne_process`), where the exact path
+costs less CPU than openTSNE's per-layer optimiser loops. ``REVACNN_TSNE_EXACT_MAX=0`` gives
+openTSNE for every track (the positions differ: a run's forks and resumes should use one value)."""
 
 
 def _fit_procrustes(
@@ -265,6 +268,8 @@ class EmbeddingTracker:
         self.scale = bool(scale)
         self._tracks: dict[str, _Track] = {}
         self._lock = threading.Lock()
+        #: runs the optimisations (`optimize_tracks`' signature), e.g. a `TsneProcess`; None: this thread
+        self.runner: Callable[[list[Payload], dict[str, Any]], list[np.ndarray]] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -520,20 +525,26 @@ class EmbeddingTracker:
         return _Job(x=x, start=init, cold=False, is_known=is_known, scale=self.scale)
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
-        """Optimise every pending job: exact and batched by size up to `EXACT_MAX`, Barnes-Hut above."""
-        groups: dict[tuple[int, bool], list[_Job]] = {}
-        for job in jobs:
-            if job.done is not None:
-                continue
-            n = len(job.start)
-            if n <= EXACT_MAX:
-                groups.setdefault((n, job.cold), []).append(job)
-            else:
-                job.emb = self._optimize(job.x, job.start, cold=job.cold)
-        for (_, cold), group in groups.items():
-            embs = self._optimize_exact([j.x for j in group], np.stack([j.start for j in group]), cold=cold)
-            for j, emb in zip(group, embs, strict=True):
-                j.emb = emb
+        """Optimise every pending job, with `runner` when one is set (e.g. in a child process)."""
+        pending = [job for job in jobs if job.done is None]
+        if not pending:
+            return
+        payloads = [(job.x, job.start, job.cold) for job in pending]
+        settings = self.optimize_settings()
+        runner = self.runner
+        embs = runner(payloads, settings) if runner is not None else optimize_tracks(payloads, settings)
+        for job, emb in zip(pending, embs, strict=True):
+            job.emb = np.asarray(emb, dtype=np.float64)
+
+    def optimize_settings(self) -> dict[str, Any]:
+        """What `optimize_tracks` needs besides the tracks: the seed, the iteration counts, `EXACT_MAX`.
+
+        Example:
+            >>> sorted(EmbeddingTracker().optimize_settings())
+            ['early_iter', 'exact_max', 'n_iter', 'seed', 'warm_iter']
+        """
+        return {"seed": self.seed, "n_iter": self.n_iter, "warm_iter": self.warm_iter,
+                "early_iter": self.early_iter, "exact_max": int(EXACT_MAX)}
 
     def _warm_init(
         self,
@@ -578,69 +589,6 @@ class EmbeddingTracker:
         init[new_idx] += rng.normal(0.0, self.jitter * radius, size=(len(new_idx), 2))
         return init
 
-    def _optimize(self, x: np.ndarray, init: np.ndarray, *, cold: bool) -> np.ndarray:
-        """Run openTSNE (Barnes-Hut, one thread) from `init` on features `x`."""
-        from openTSNE import TSNEEmbedding
-        from openTSNE.affinity import PerplexityBasedNN
-        from openTSNE.nearest_neighbors import PrecomputedNeighbors
-
-        order, dist, perplexity = _neighbours(x)
-        knn = PrecomputedNeighbors(order, dist)
-        logger = logging.getLogger("openTSNE")
-        level = logger.level
-        logger.setLevel(logging.ERROR)  # silence "perplexity too high" style warnings
-        try:
-            affinities = PerplexityBasedNN(
-                perplexity=perplexity, knn_index=knn, n_jobs=1, verbose=False
-            )
-            emb = TSNEEmbedding(
-                np.ascontiguousarray(init, dtype=np.float64),
-                affinities,
-                negative_gradient_method="bh",
-                theta=0.5,
-                n_jobs=1,
-                random_state=self.seed,
-                verbose=False,
-            )
-            if cold and self.early_iter:
-                emb = emb.optimize(
-                    self.early_iter,
-                    exaggeration=_EARLY_EXAGGERATION,
-                    momentum=0.8,
-                    inplace=True,
-                )
-            emb = emb.optimize(self.n_iter if cold else self.warm_iter, momentum=0.8, inplace=True)
-        finally:
-            logger.setLevel(level)
-        out = np.asarray(emb, dtype=np.float64).copy()
-        if not np.all(np.isfinite(out)):  # pragma: no cover - openTSNE safety net
-            raise ConfigError("t-SNE produced non-finite positions")
-        return out
-
-    def _optimize_exact(self, xs: list[np.ndarray], init: np.ndarray, *, cold: bool) -> np.ndarray:
-        """`_optimize` with the exact gradient, for B tracks of N filters at once (numpy).
-
-        The same affinities (openTSNE's perplexity calibration on the same exact neighbours) and
-        the same gradient descent as openTSNE's (momentum, gains, learning rate ``N /
-        exaggeration``, steps clipped to norm 5, re-centred every iteration); only the gradient is
-        exact instead of Barnes-Hut's approximation (``theta=0`` in openTSNE's terms).
-
-        Args:
-            xs: B feature matrices of N rows each.
-            init: (B, N, 2) start positions.
-            cold: run `early_iter` early-exaggeration iterations then `n_iter`, else `warm_iter`.
-
-        Returns:
-            (B, N, 2) positions.
-        """
-        p = np.stack([_joint_probabilities(x) for x in xs])
-        y = np.array(init, dtype=np.float64)
-        phases = [(_EARLY_EXAGGERATION, self.early_iter), (1.0, self.n_iter)] if cold else [(1.0, self.warm_iter)]
-        y = _exact_descent(p, y, [(e, i) for e, i in phases if i > 0])
-        if not np.all(np.isfinite(y)):  # pragma: no cover - safety net, as for openTSNE
-            raise ConfigError("t-SNE produced non-finite positions")
-        return y
-
 
 @dataclass
 class _Job:
@@ -674,6 +622,119 @@ class _Job:
                 centre = ref.mean(axis=0)
                 out = centre + (out - centre) * (r_ref / r_now)
         return out
+
+
+Payload = tuple[np.ndarray, np.ndarray, bool]
+"""One track's optimisation for `optimize_tracks`: features (N, D), start positions (N, 2), cold."""
+
+
+def optimize_tracks(payloads: list[Payload], settings: dict[str, Any]) -> list[np.ndarray]:
+    """The t-SNE optimisations of `EmbeddingTracker.embed_many`: a pure function of its arguments.
+
+    Tracks of up to ``settings["exact_max"]`` filters are optimised with the exact gradient,
+    batched by (size, cold); larger ones with openTSNE's Barnes-Hut. The tracker keeps all state
+    (previous positions, steps) and calls this between preparing the start positions and aligning
+    the result, so the same call in a child process (`revacnn.analysis.tsne_process`) gives the
+    same positions as in the caller's thread.
+
+    Args:
+        payloads: ``(features, start, cold)`` per track.
+        settings: `EmbeddingTracker.optimize_settings`.
+
+    Returns:
+        One (N, 2) float64 array per payload, in order.
+
+    Raises:
+        ConfigError: the optimisation produced non-finite positions.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> s = EmbeddingTracker(n_iter=5, early_iter=0).optimize_settings()
+        >>> [e.shape for e in optimize_tracks([(rng.normal(size=(6, 4)), rng.normal(size=(6, 2)), True)], s)]
+        [(6, 2)]
+    """
+    out: list[np.ndarray | None] = [None] * len(payloads)
+    groups: dict[tuple[int, bool], list[int]] = {}
+    exact_max = int(settings["exact_max"])
+    for i, (x, start, cold) in enumerate(payloads):
+        n = len(start)
+        if n <= exact_max:
+            groups.setdefault((n, bool(cold)), []).append(i)
+        else:
+            out[i] = _optimize_bh(x, start, cold=bool(cold), settings=settings)
+    for (_, cold), idx in groups.items():
+        embs = _optimize_exact([payloads[i][0] for i in idx], np.stack([payloads[i][1] for i in idx]),
+                               cold=cold, settings=settings)
+        for i, emb in zip(idx, embs, strict=True):
+            out[i] = emb
+    return [e for e in out if e is not None]
+
+
+def _optimize_bh(x: np.ndarray, init: np.ndarray, *, cold: bool, settings: dict[str, Any]) -> np.ndarray:
+    """Run openTSNE (Barnes-Hut, one thread) from `init` on features `x`."""
+    from openTSNE import TSNEEmbedding
+    from openTSNE.affinity import PerplexityBasedNN
+    from openTSNE.nearest_neighbors import PrecomputedNeighbors
+
+    order, dist, perplexity = _neighbours(x)
+    knn = PrecomputedNeighbors(order, dist)
+    logger = logging.getLogger("openTSNE")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # silence "perplexity too high" style warnings
+    try:
+        affinities = PerplexityBasedNN(
+            perplexity=perplexity, knn_index=knn, n_jobs=1, verbose=False
+        )
+        emb = TSNEEmbedding(
+            np.ascontiguousarray(init, dtype=np.float64),
+            affinities,
+            negative_gradient_method="bh",
+            theta=0.5,
+            n_jobs=1,
+            random_state=int(settings["seed"]),
+            verbose=False,
+        )
+        if cold and settings["early_iter"]:
+            emb = emb.optimize(
+                int(settings["early_iter"]),
+                exaggeration=_EARLY_EXAGGERATION,
+                momentum=0.8,
+                inplace=True,
+            )
+        emb = emb.optimize(int(settings["n_iter"] if cold else settings["warm_iter"]), momentum=0.8, inplace=True)
+    finally:
+        logger.setLevel(level)
+    out = np.asarray(emb, dtype=np.float64).copy()
+    if not np.all(np.isfinite(out)):  # pragma: no cover - openTSNE safety net
+        raise ConfigError("t-SNE produced non-finite positions")
+    return out
+
+def _optimize_exact(xs: list[np.ndarray], init: np.ndarray, *, cold: bool, settings: dict[str, Any]) -> np.ndarray:
+    """`_optimize` with the exact gradient, for B tracks of N filters at once (numpy).
+
+    The same affinities (openTSNE's perplexity calibration on the same exact neighbours) and
+    the same gradient descent as openTSNE's (momentum, gains, learning rate ``N /
+    exaggeration``, steps clipped to norm 5, re-centred every iteration); only the gradient is
+    exact instead of Barnes-Hut's approximation (``theta=0`` in openTSNE's terms).
+
+    Args:
+        xs: B feature matrices of N rows each.
+        init: (B, N, 2) start positions.
+        cold: run `early_iter` early-exaggeration iterations then `n_iter`, else `warm_iter`.
+
+    Returns:
+        (B, N, 2) positions.
+    """
+    p = np.stack([_joint_probabilities(x) for x in xs])
+    y = np.array(init, dtype=np.float64)
+    phases = [(_EARLY_EXAGGERATION, int(settings["early_iter"])), (1.0, int(settings["n_iter"]))] if cold else [(1.0, int(settings["warm_iter"]))]
+    y = _exact_descent(p, y, [(e, i) for e, i in phases if i > 0])
+    if not np.all(np.isfinite(y)):  # pragma: no cover - safety net, as for openTSNE
+        raise ConfigError("t-SNE produced non-finite positions")
+    return y
+
+
 
 
 def _neighbours(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -89,6 +89,7 @@ class Recorder:
                 self.tracker = EmbeddingTracker(seed=seed)
                 if tracker_state:
                     self.tracker.load_state_dict(tracker_state)
+                self._use_tsne_process(self.tracker)
             except Exception:  # analysis unavailable: record without embeddings
                 log.exception("embeddings disabled")
                 self.tracker = None
@@ -115,6 +116,22 @@ class Recorder:
         self.last_commit_at: float | None = None
         self._thread = threading.Thread(target=self._loop, name="revacnn-recorder", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _use_tsne_process(tracker: Any) -> None:
+        """Run the tracker's t-SNE optimisations in the shared child process (off this process' GIL).
+
+        ``REVACNN_TSNE_PROCESS=0`` keeps them in the embedding thread (the earlier behaviour, same
+        positions). The child starts now, so it has loaded openTSNE by the first epoch's end.
+        """
+        from ..analysis.tsne_process import child_enabled, shared_process
+
+        if child_enabled():
+            tracker.runner = shared_process(nice=WORKER_NICE)
+            try:
+                tracker.runner.start()
+            except OSError as exc:  # cannot start a process: the first call falls back, with a warning
+                log.warning("t-SNE child process not started: %s", exc)
 
     # ------------------------------------------------------------------ API
     def submit(self, snap: EpochSnapshot) -> None:

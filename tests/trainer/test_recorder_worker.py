@@ -1,8 +1,10 @@
-"""The recording worker's threads: embeddings computed off the worker equal a sequential tracker's; thread priority."""
+"""The recording worker's threads and t-SNE child: embeddings equal a sequential in-thread tracker's; priority."""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 import threading
 
@@ -11,16 +13,13 @@ import pytest
 
 import revacnn
 from revacnn.analysis import EmbeddingTracker
+from revacnn.analysis.tsne_process import child_enabled, shared_process
 from revacnn.trainer.recorder import lower_thread_priority
 
 from ..conftest import tiny_cnn
 
 
-def test_recorded_embeddings_equal_a_sequential_tracker(tmp_path, keras_mod, tiny_data):
-    keras_mod.utils.set_random_seed(0)
-    (x, y), (xv, yv) = tiny_data
-    run = revacnn.fit(tiny_cnn(keras_mod), (x, y), validation_data=(xv, yv), epochs=2, store=tmp_path / "s",
-                      probes=4, progress=False)
+def _check_against_sequential_tracker(run) -> None:
     # the reference: one tracker with the run's seed, fed each epoch's recorded kernels in order
     ref = EmbeddingTracker(seed=int(run.config.get("seed", 0)))
     for e in range(3):
@@ -33,6 +32,46 @@ def test_recorded_embeddings_equal_a_sequential_tracker(tmp_path, keras_mod, tin
             rows = run.store.sql(f"SELECT tsne_x, tsne_y FROM filters WHERE run_id='{run.run_id}' "
                                  f"AND epoch={e} AND layer='{name}' ORDER BY filter")
             np.testing.assert_allclose(rows[["tsne_x", "tsne_y"]].to_numpy(), want, rtol=1e-6)
+
+
+def test_recorded_embeddings_equal_a_sequential_tracker(tmp_path, keras_mod, tiny_data):
+    """The worker's embeddings (t-SNE in the child process) equal one in-thread tracker's."""
+    proc = shared_process()
+    before = proc.calls_in_child
+    in_child = child_enabled()
+    keras_mod.utils.set_random_seed(0)
+    (x, y), (xv, yv) = tiny_data
+    run = revacnn.fit(tiny_cnn(keras_mod), (x, y), validation_data=(xv, yv), epochs=2, store=tmp_path / "s",
+                      probes=4, progress=False)
+    assert (proc.calls_in_child > before) == in_child  # the recording used the child (unless turned off)
+    _check_against_sequential_tracker(run)
+
+
+@pytest.mark.skipif(not child_enabled(), reason="REVACNN_TSNE_PROCESS=0: no t-SNE child")
+def test_killing_the_tsne_child_never_stops_training(tmp_path, keras_mod, tiny_data, caplog):
+    """The child killed mid-run: a warning, the epoch embedded in-thread, the run finishes with the same embeddings."""
+    proc = shared_process()
+    proc.start()
+    crashes = proc.crashes
+
+    class KillChild(keras_mod.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0 and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+
+    keras_mod.utils.set_random_seed(0)
+    (x, y), (xv, yv) = tiny_data
+    try:
+        with caplog.at_level(logging.WARNING, logger="revacnn.tsne"):
+            run = revacnn.fit(tiny_cnn(keras_mod), (x, y), validation_data=(xv, yv), epochs=3,
+                              store=tmp_path / "s", probes=4, progress=False, callbacks=[KillChild()])
+        assert run.status == "finished"
+        assert run.epochs() == [0, 1, 2, 3]
+        assert any("t-SNE child process failed" in r.getMessage() for r in caplog.records)
+        assert proc.crashes == crashes + 1
+        _check_against_sequential_tracker(run)
+    finally:
+        proc.crashes = crashes  # later tests use the child again
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
