@@ -192,13 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
                         "keeps CIFAR-10's 5:1 proportion, the second is the small subset of earlier figures")
     p.add_argument("--val-size", type=int, default=1000, help="validation images of the chain models")
     p.add_argument("--no-epochs", action="store_true", help="the step-level comparison only")
+    p.add_argument("--no-step", action="store_true", help="whole epochs only, without the step-level comparison")
     p.add_argument("--no-latency", action="store_true")
     args = p.parse_args(argv)
     import revacnn
 
     store = revacnn.open_store(Path(tempfile.mkdtemp(prefix="revacnn-freeze-")) / "store")
     step_rows = []
-    for model in args.models.split(","):  # the step alone: what freezing saves in compute
+    for model in [] if args.no_step else args.models.split(","):  # the step alone: what freezing saves in compute
         step_rows += step_experiment(model, max(args.rounds, 5) * 2)
         print(table(step_rows[-len(variants_of(model)):]), f"load average {os.getloadavg()}", flush=True)
     rows = []
