@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -22,38 +23,59 @@ def variants_of(model: str) -> dict[str, list[str]]:
     return RESNET_VARIANTS if model == "resnet20" else CHAIN_VARIANTS
 
 
-def freeze_experiment(store, model: str, train_size: int, fork_epoch: int, epochs: int, rounds: int) -> list[dict]:
+def freeze_experiment(store, model: str, train_size: int, fork_epoch: int, epochs: int, rounds: int,
+                      val_size: int = 1000) -> list[dict]:
+    """Whole recorded epochs of forks, frozen vs not, alternated; recording as a user gets it.
+
+    The root and the forks record everything a default run records: the default probe count
+    (`TrainConfig.probes`, 16), the validation pass over ``val_size`` images, t-SNE embeddings on.
+    Two figures per epoch: ``duration_s`` (the epochs table's: the training batches, with the
+    recorder's worker running beside them) and the wall time from the previous epoch's commit to
+    this one's (training, validation, probes, snapshot and the record: what a user waits for).
+    """
+    import pandas as pd
+
     from revacnn.config import TrainConfig
     from revacnn.steering import parse
     from revacnn.trainer import fork, train
 
-    cfg = TrainConfig(model=model, epochs=fork_epoch, train_size=train_size, val_size=1000, seed=0,
-                      name=f"{model}-root", embeddings=True)
+    cfg = TrainConfig(model=model, epochs=fork_epoch, train_size=train_size, val_size=val_size, seed=0,
+                      name=f"{model}-root-{train_size}", embeddings=True)
     root = train(cfg, store, progress=False)
     variants = variants_of(model)
     times: dict[str, list[float]] = {v: [] for v in variants}
     ratios: dict[str, list[float]] = {v: [] for v in variants}
+    walls: dict[str, list[float]] = {v: [] for v in variants}
+    wall_ratios: dict[str, list[float]] = {v: [] for v in variants}
     acc: dict[str, list[float]] = {v: [] for v in variants}
     order = list(variants)
     for r in range(rounds):  # A B C, then C B A: side by side, drift cancels
         this_round: dict[str, float] = {}
+        this_wall: dict[str, float] = {}
         for variant in order if r % 2 == 0 else order[::-1]:
             changes = [parse("freeze", [layer]) for layer in variants[variant]]
             child = fork(store, root.run_id, fork_epoch, changes=changes, epochs=fork_epoch + epochs,
-                         name=f"{model}-{variant}-r{r}", progress=False)
-            m = store.sql(f"SELECT epoch, duration_s, val_accuracy FROM epochs WHERE run_id='{child.run_id}' "
-                          f"AND epoch > {fork_epoch} ORDER BY epoch")
+                         name=f"{model}-{variant}-{train_size}-r{r}", progress=False)
+            m = store.sql(f"SELECT epoch, duration_s, val_accuracy, committed_at FROM epochs "
+                          f"WHERE run_id='{child.run_id}' AND epoch >= {fork_epoch} ORDER BY epoch")
             # the first epoch after the fork includes tracing the step: time the later ones
+            wall = pd.to_datetime(m.committed_at).diff().dt.total_seconds().tolist()[2:]
+            m = m[m.epoch > fork_epoch]
             timed = m.duration_s.tolist()[1:] or m.duration_s.tolist()
             times[variant].extend(timed)
+            walls[variant].extend(wall)
             this_round[variant] = median(timed)
+            this_wall[variant] = median(wall) if wall else float("nan")
             acc[variant].append(float(m.val_accuracy.iloc[-1]))
         for v in variants:  # the ratio within a round: both arms ran side by side
             ratios[v].append(this_round[v] / this_round["none"])
+            wall_ratios[v].append(this_wall[v] / this_wall["none"])
     return [
-        {"model": model, "frozen": v, "epoch_s": median(times[v]), "ratio": median(ratios[v]),
-         "ratio_min": min(ratios[v]), "ratio_max": max(ratios[v]), "samples": len(ratios[v]),
-         "final_val_acc": median(acc[v])}
+        {"model": model, "train:val": f"{train_size}:{val_size}", "frozen": v, "epoch_s": median(times[v]),
+         "ratio": median(ratios[v]), "ratio_min": min(ratios[v]), "ratio_max": max(ratios[v]),
+         "wall_s": median(walls[v]), "wall_ratio": median(wall_ratios[v]),
+         "wall_ratio_min": min(wall_ratios[v]), "wall_ratio_max": max(wall_ratios[v]),
+         "samples": len(ratios[v]), "final_val_acc": median(acc[v])}
         for v in variants
     ]
 
@@ -165,22 +187,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fork-epoch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5, help="alternated rounds (samples per arm)")
     p.add_argument("--models", default="convnetjs,revacnn,resnet20")
-    p.add_argument("--resnet-train-size", type=int, default=1000)
+    p.add_argument("--resnet-sizes", default="5000:1000,1000:1000",
+                   help="resnet20 train:val sizes of the whole-epoch arm, comma-separated: the first "
+                        "keeps CIFAR-10's 5:1 proportion, the second is the small subset of earlier figures")
+    p.add_argument("--val-size", type=int, default=1000, help="validation images of the chain models")
     p.add_argument("--no-epochs", action="store_true", help="the step-level comparison only")
+    p.add_argument("--no-step", action="store_true", help="whole epochs only, without the step-level comparison")
     p.add_argument("--no-latency", action="store_true")
     args = p.parse_args(argv)
     import revacnn
 
     store = revacnn.open_store(Path(tempfile.mkdtemp(prefix="revacnn-freeze-")) / "store")
     step_rows = []
-    for model in args.models.split(","):  # the step alone: what freezing saves in compute
+    for model in [] if args.no_step else args.models.split(","):  # the step alone: what freezing saves in compute
         step_rows += step_experiment(model, max(args.rounds, 5) * 2)
-        print(table(step_rows[-len(variants_of(model)):]), flush=True)
+        print(table(step_rows[-len(variants_of(model)):]), f"load average {os.getloadavg()}", flush=True)
     rows = []
     for model in [] if args.no_epochs else args.models.split(","):  # whole epochs of forks, recording on
-        size = args.resnet_train_size if model == "resnet20" else args.train_size
-        rows += freeze_experiment(store, model, size, args.fork_epoch, args.epochs, args.rounds)
-        print(table(rows[-len(variants_of(model)):]), flush=True)
+        sizes = ([tuple(int(n) for n in pair.split(":")) for pair in args.resnet_sizes.split(",")]
+                 if model == "resnet20" else [(args.train_size, args.val_size)])
+        for train_size, val_size in sizes:
+            rows += freeze_experiment(store, model, train_size, args.fork_epoch, args.epochs, args.rounds,
+                                      val_size=val_size)
+            print(table(rows[-len(variants_of(model)):]), f"load average {os.getloadavg()}", flush=True)
     print(table(step_rows))
     print(table(rows))
     out = {"step": step_rows, "freeze": rows}
