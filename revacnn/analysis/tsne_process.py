@@ -25,9 +25,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import select
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,12 +38,16 @@ import numpy as np
 from revacnn.analysis.embedding import Payload, optimize_tracks
 from revacnn.errors import ConfigError
 
-__all__ = ["MAX_CRASHES", "TsneProcess", "child_enabled", "shared_process"]
+__all__ = ["MAX_CRASHES", "TIMEOUT_S", "TsneProcess", "child_enabled", "shared_process"]
 
 log = logging.getLogger("revacnn.tsne")
 
 MAX_CRASHES = 3
 """After this many failed child calls in one process, t-SNE stays in the calling thread."""
+
+TIMEOUT_S = float(os.environ.get("REVACNN_TSNE_TIMEOUT_S", "600") or 600)
+"""How long one call waits for the child's answer before it counts as failed (a hung or stopped
+child): the child is killed and the call runs in this thread (``$REVACNN_TSNE_TIMEOUT_S``)."""
 
 _PKG_DIR = Path(__file__).resolve().parents[1]  # .../revacnn
 
@@ -72,6 +78,8 @@ class TsneProcess:
 
     Args:
         nice: how many ``nice`` steps below the caller the child runs (0: equal).
+        timeout_s: how long a call waits for the child's answer (`TIMEOUT_S`); a child that does
+            not answer in time is killed and the call runs in this thread.
 
     Example:
         >>> import numpy as np
@@ -84,8 +92,9 @@ class TsneProcess:
         >>> proc.close()
     """
 
-    def __init__(self, *, nice: int = 0) -> None:
+    def __init__(self, *, nice: int = 0, timeout_s: float = TIMEOUT_S) -> None:
         self.nice = int(nice)
+        self.timeout_s = float(timeout_s)
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self.crashes = 0
@@ -129,8 +138,12 @@ class TsneProcess:
                         raise EOFError(f"the child exited with status {self._proc.returncode}")
                     proc = self._ensure()
                     assert proc.stdin is not None and proc.stdout is not None
-                    pickle.dump((payloads, settings), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                    proc.stdin.flush()
+                    deadline = time.monotonic() + self.timeout_s
+                    _write_by(proc.stdin, pickle.dumps((payloads, settings), protocol=pickle.HIGHEST_PROTOCOL),
+                              deadline)
+                    ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                    if not ready:
+                        raise TimeoutError(f"no answer within {self.timeout_s:g} s")
                     status, value = pickle.load(proc.stdout)
                 except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
                     self.crashes += 1
@@ -175,6 +188,21 @@ class TsneProcess:
             finally:
                 if proc.stdout is not None:
                     proc.stdout.close()
+
+
+def _write_by(pipe: IO[bytes], data: bytes, deadline: float) -> None:
+    """Write ``data`` to ``pipe`` in pieces the pipe takes at once; TimeoutError after ``deadline``.
+
+    A child that stops reading (stopped, hung) fills the pipe; a plain write would then block forever.
+    """
+    fd = pipe.fileno()
+    view = memoryview(data)
+    while view:
+        _, ready, _ = select.select([], [fd], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"the child took no request within the timeout ({len(view)} bytes left)")
+        n = os.write(fd, view[:select.PIPE_BUF])
+        view = view[n:]
 
 
 _shared: TsneProcess | None = None

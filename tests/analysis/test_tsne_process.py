@@ -105,6 +105,28 @@ def test_killed_child_falls_back_in_thread_with_a_warning(caplog):
         proc.close()
 
 
+def test_a_hung_child_times_out_and_the_call_runs_in_thread(caplog):
+    epochs = _epochs(np.random.default_rng(3))
+    ref, child = EmbeddingTracker(seed=4), EmbeddingTracker(seed=4)
+    proc = TsneProcess(timeout_s=1.0)
+    child.runner = proc
+    try:
+        proc.start()
+        hung = proc.pid
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)  # alive but never answers
+        with caplog.at_level(logging.WARNING, logger="revacnn.tsne"):
+            got = child.embed_many(epochs[0])
+        assert any("TimeoutError" in r.getMessage() for r in caplog.records)
+        for w, g in zip(ref.embed_many(epochs[0]), got, strict=True):
+            np.testing.assert_array_equal(g, w)
+        assert proc.crashes == 1 and proc.pid != hung  # the stopped child was killed
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung, 0)
+    finally:
+        proc.close()
+
+
 def test_child_exits_when_its_parent_is_killed():
     code = ("from revacnn.analysis.tsne_process import shared_process\n"
             "p = shared_process(); p.start(); print(p.pid, flush=True)\n"
