@@ -52,8 +52,14 @@ async ([btn, root, target]) => {
   }
   const tShown = performance.now() - t0;
   const grids = [...root.querySelectorAll('.rv-grid-acts')];
-  await Promise.all(grids.map((g) => {
-    const m = (g.getAttribute('style') || '').match(/url\\('([^']+)'\\)/);
+  await Promise.all(grids.map(async (g) => {
+    if (g.querySelector('canvas.rv-canvas')) {  // tiles on a canvas: wait until it shows the asked picture
+      while (g.dataset.drawn !== g.dataset.sprite && performance.now() - t0 < 20000) {
+        await new Promise(requestAnimationFrame);
+      }
+      return null;
+    }
+    const m = (g.getAttribute('style') || '').match(/url\\('([^']+)'\\)/);  // tiles as CSS backgrounds
     if (!m) return null;
     const img = new Image(); img.src = m[1]; return img.decode();
   }));
@@ -71,12 +77,27 @@ async ([btn, root, target]) => {
 """
 
 
+def summarise_trace(path: str) -> None:
+    """Print the renderer main thread's top-level events by total duration (ms)."""
+    events = json.loads(Path(path).read_text())
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    main = {(e["pid"], e["tid"]) for e in events if e.get("name") == "thread_name"
+            and e.get("args", {}).get("name") == "CrRendererMain"}
+    tot: dict[str, float] = {}
+    for e in events:
+        if (e.get("pid"), e.get("tid")) in main and e.get("ph") == "X" and "dur" in e:
+            tot[e["name"]] = tot.get(e["name"], 0.0) + e["dur"] / 1000
+    for name, ms in sorted(tot.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"{ms:9.1f} ms  {name}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--filters", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--store", default="")
+    ap.add_argument("--trace", default="", help="write a Chrome performance trace of the clicks to this file")
     ap.add_argument("--cprofile", action="store_true", help="print a cProfile of the server's model updates")
     args = ap.parse_args()
     import os
@@ -161,11 +182,17 @@ def main() -> int:
                 prof.enable()
                 prof.disable()
                 prof.clear() if hasattr(prof, "clear") else None
+            if args.trace:
+                browser.start_tracing(page=page, path=args.trace, categories=[
+                    "devtools.timeline", "blink", "v8.execute", "disabled-by-default-devtools.timeline"])
             for _ in range(args.rounds):
                 for target in range(1, n):
                     rows.append(page.evaluate(_CLICK, [nxt, root, target]))
                 for target in range(n - 2, -1, -1):
                     rows.append(page.evaluate(_CLICK, [prv, root, target]))
+            if args.trace:
+                browser.stop_tracing()
+                summarise_trace(args.trace)
             browser.close()
     finally:
         srv.stop()

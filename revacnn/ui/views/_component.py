@@ -87,9 +87,16 @@ function U(uri) {
   _URLS.set(uri, u);
   while (_URLS.size > 96) {
     const [k, v] = _URLS.entries().next().value;
-    _URLS.delete(k); URL.revokeObjectURL(v);
+    _URLS.delete(k); URL.revokeObjectURL(v); _IMGS.delete(v);
   }
   return u;
+}
+// The decoded image of a blob: URL made by U (kept as long as the URL), for canvas drawing.
+const _IMGS = new Map();
+function IMG(url) {
+  let img = _IMGS.get(url);
+  if (!img) { img = new Image(); img.src = url; _IMGS.set(url, img); }
+  return img;
 }
 function draw(model, el, data) {
 /*DRAW*/
