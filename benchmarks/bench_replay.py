@@ -103,8 +103,14 @@ async ([btn, root, target]) => {
     await new Promise(requestAnimationFrame);
   }
   const grids = [...root.querySelectorAll('.rv-grid-acts')];
-  await Promise.all(grids.map((g) => {
-    const m = (g.getAttribute('style') || '').match(/url\\('([^']+)'\\)/);
+  await Promise.all(grids.map(async (g) => {
+    if (g.querySelector('canvas.rv-canvas')) {  // tiles on a canvas: wait until it shows the asked picture
+      while (g.dataset.drawn !== g.dataset.sprite && performance.now() - t0 < 20000) {
+        await new Promise(requestAnimationFrame);
+      }
+      return null;
+    }
+    const m = (g.getAttribute('style') || '').match(/url\\('([^']+)'\\)/);  // tiles as CSS backgrounds
     if (!m) return null;
     const img = new Image(); img.src = m[1]; return img.decode();
   }));

@@ -573,15 +573,15 @@ class ReplayApp(Viewer):
         with pn.io.hold():
             b = self.bundle
             touched = b.touched(frame.epoch) if b is not None and frame.run_id == b.run_id else {}
-            self.network.param.update(frame=frame, probe=min(self.probe, max(frame.n_probes - 1, 0)),
-                                      measure=self.measure, touched=touched)
-            self.probes.probabilities = frame.probabilities
-            self.detail.param.update(frame=frame, probe=self.probe)
-            self.patterns.epoch = frame.epoch
             if self.doctor.epoch != frame.epoch:
                 self.doctor_fork.visible = False
             self.doctor.epoch = frame.epoch
-            self.network.findings = self.doctor.rows()
+            # one network redraw per switch: the frame and this epoch's findings together
+            self.network.param.update(frame=frame, probe=min(self.probe, max(frame.n_probes - 1, 0)),
+                                      measure=self.measure, touched=touched, findings=self.doctor.recorded_rows())
+            self.probes.probabilities = frame.probabilities
+            self.detail.param.update(frame=frame, probe=self.probe)
+            self.patterns.epoch = frame.epoch
             for name in LAZY_TABS:
                 self._push_frame(name)
             self._header(frame)

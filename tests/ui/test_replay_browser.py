@@ -338,7 +338,10 @@ def test_sql_console(page: Any, server: str) -> None:
     box.fill("SELECT run_id, epoch, val_accuracy FROM epochs ORDER BY run_id, epoch")
     page.locator(".rv-sql-run button").click()
     page.get_by_text("7 rows").first.wait_for()
-    assert page.locator(".rv-sql-results .tabulator-row").count() == 7
+    # the table renders its rows on its own schedule: wait until the previous result's are gone
+    from playwright.sync_api import expect
+
+    expect(page.locator(".rv-sql-results .tabulator-row")).to_have_count(7)
     _settled(page, ".rv-sql-results .tabulator-row")
     _shot(page.locator(".rv-sql-console"), "sql")
     box.fill("SELECT * FROM read_csv('/etc/passwd')")
@@ -385,14 +388,59 @@ def test_corrupt_epoch_shows_a_message(page: Any, server: str, recorded: dict[st
 def test_tile_images_are_real_pictures(page: Any, server: str, recorded: dict[str, Any]) -> None:
     """The sprite behind the tiles decodes to an image with one tile per filter."""
     _open(page, f"{server}/main?run={recorded['root']}&epoch=3")
-    style = page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts").first.get_attribute("style")
-    uri = style.split("url('", 1)[1].split("')", 1)[0]
-    assert uri.startswith("blob:")  # the PNG sent as a data URI, handed to CSS as a short blob: URL
+    grid = page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts").first
+    page.wait_for_function("g => g.dataset.drawn && g.dataset.drawn === g.dataset.sprite", arg=grid.element_handle())
+    uri = grid.get_attribute("data-sprite")
+    assert uri.startswith("blob:")  # the PNG sent as a data URI, handed over as a short blob: URL
     size, kind = page.evaluate(
         "async (src) => { const img = new Image(); img.src = src; await img.decode();"
         " const b = await (await fetch(src)).blob(); return [[img.naturalWidth, img.naturalHeight], b.type]; }", uri)
     assert kind == "image/png"
     assert size == [8 * (32 + 2), 32 + 2]  # eight 32x32 tiles, each with a 1-pixel edge
+
+
+_TILE_VS_SPRITE = """
+async (g) => {
+  // tile i on the canvas, at the on-screen spot of tile element i, against tile i cut from the sprite
+  const img = new Image(); img.src = g.dataset.sprite; await img.decode();
+  const c = g.querySelector('canvas.rv-canvas'), ctx = c.getContext('2d'), gr = c.getBoundingClientRect();
+  const dpr = c.width / gr.width, pad = 1, w = (img.naturalWidth / 8) - 2 * pad, h = img.naturalHeight - 2 * pad;
+  const ref = document.createElement('canvas'); ref.width = w; ref.height = h;
+  const rc = ref.getContext('2d');
+  const out = [];
+  [...g.querySelectorAll('.rv-tile .rv-img')].forEach((el, i) => {
+    const r = el.getBoundingClientRect();
+    rc.clearRect(0, 0, w, h); rc.drawImage(img, i * (w + 2 * pad) + pad, pad, w, h, 0, 0, w, h);
+    for (const [u, v] of [[0.25, 0.25], [0.75, 0.5], [0.5, 0.9]]) {  // sample points inside the tile
+      const px = ctx.getImageData(Math.floor((r.left - gr.left + u * r.width) * dpr),
+                                  Math.floor((r.top - gr.top + v * r.height) * dpr), 1, 1).data;
+      const want = rc.getImageData(Math.floor(u * w), Math.floor(v * h), 1, 1).data;
+      out.push([i, [...px].slice(0, 3), [...want].slice(0, 3)]);
+    }
+  });
+  return out;
+}
+"""
+
+
+def test_canvas_tiles_match_the_sprite_after_a_slider_move(page: Any, server: str, recorded: dict[str, Any]) -> None:
+    """The layer canvas shows tile i of the epoch's sprite under tile element i, also after a switch."""
+    _open(page, f"{server}/main?run={recorded['root']}&epoch=2")
+    page.locator(".rv-epoch-player .rv-next").click()
+    page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='3']")
+    grid = page.locator(".rv-tab-network .rv-layer[data-layer='conv1'] .rv-grid-acts").first
+    page.wait_for_function("g => g.dataset.drawn && g.dataset.drawn === g.dataset.sprite", arg=grid.element_handle())
+    samples = page.evaluate(_TILE_VS_SPRITE, grid.element_handle())
+    assert len(samples) == 8 * 3
+    for i, got, want in samples:
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1, (i, got, want)
+    # and back: the canvas follows the move to the earlier epoch
+    page.locator(".rv-epoch-player .rv-prev").click()
+    page.wait_for_selector(".rv-tab-network .rv-net[data-epoch='2']")
+    page.wait_for_function("g => g.dataset.drawn && g.dataset.drawn === g.dataset.sprite", arg=grid.element_handle())
+    before = page.evaluate(_TILE_VS_SPRITE, grid.element_handle())
+    for i, got, want in before:
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1, (i, got, want)
 
 
 def test_no_errors_in_the_browser_console(console_log: list[tuple[str, str]]) -> None:

@@ -347,6 +347,10 @@ class DoctorPanel(Viewer):
         out.sort(key=lambda x: (x["uid"] == "", str(x["layer"]), str(x["uid"])))
         return out
 
+    def recorded_rows(self) -> list[dict[str, Any]]:
+        """`rows()` of the recorded findings at `epoch`, as last drawn (no second pass over the table)."""
+        return [r for r in self._rows if not r["live"]]
+
     def _refresh(self, *_: Any) -> None:
         recorded = self.rows()
         live = self.rows(live=True)

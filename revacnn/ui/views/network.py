@@ -25,7 +25,9 @@ _CSS = """
 .rv-col-sub { font-size:11px; color:var(--rv-muted); white-space:nowrap; }
 .rv-probe-img { width:128px; height:128px; image-rendering:pixelated; border-radius:6px;
   border:1px solid var(--rv-border); }
-.rv-grid { display:grid; gap:3px; }
+.rv-grid { display:grid; gap:3px; position:relative; }
+.rv-grid > canvas.rv-canvas { position:absolute; left:0; top:0; pointer-events:none; image-rendering:pixelated; }
+.rv-grid > .rv-tile { background:transparent; }
 .rv-tile { position:relative; cursor:pointer; border-radius:3px; background:var(--rv-tile-bg);
   outline:1px solid transparent; padding:0; }
 .rv-tile:hover { outline:2px solid var(--rv-accent); z-index:2; }
@@ -72,6 +74,33 @@ _CSS = """
 """
 
 _DRAW = r"""
+// A layer's tiles are drawn on one canvas behind the grid's (transparent) tile elements: tile i of
+// the sprite S at column i % cols, row i / cols, each cell t px plus a `bar` px measure bar, 3 px
+// apart. The grid's data-sprite is the picture asked for, data-drawn the one on the canvas.
+function paint(g, S, n, cols, t, bar) {
+  const url = U(S.uri), c = g.querySelector(':scope > canvas.rv-canvas');
+  g.dataset.sprite = url;
+  const rows = Math.ceil(n / cols), W = Math.max(1, cols * (t + 3) - 3), H = Math.max(1, rows * (t + bar + 3) - 3);
+  const dpr = window.devicePixelRatio || 1;
+  if (c.width !== Math.round(W * dpr) || c.height !== Math.round(H * dpr)) {
+    c.width = Math.round(W * dpr); c.height = Math.round(H * dpr);
+    c.style.width = `${W}px`; c.style.height = `${H}px`;
+  }
+  const img = IMG(url);
+  const draw = () => {
+    if (g.dataset.sprite !== url) return;  // a newer picture was asked for meanwhile
+    const ctx = c.getContext('2d');
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.imageSmoothingEnabled = false;
+    ctx.clearRect(0, 0, W, H);
+    const cw = S.w + 2 * S.pad;
+    for (let i = 0; i < n && i < S.n; i++) {
+      ctx.drawImage(img, i * cw + S.pad, S.pad, S.w, S.h, (i % cols) * (t + 3), Math.floor(i / cols) * (t + bar + 3), t, t);
+    }
+    g.dataset.drawn = url;
+  };
+  if (img.complete && img.naturalWidth) draw(); else img.decode().then(draw, () => {});
+}
 const fmt = (v) => (v === null || v === undefined || !isFinite(v)) ? '–' : Number(v).toPrecision(4).replace(/\.?0+(e|$)/, '$1');
 if (!data || !data.layers) { el.innerHTML = ''; el._struct = null; return; }
 el._data = data;
@@ -110,13 +139,13 @@ if (el._struct === struct) {
   data.layers.forEach((L, j) => {
     if (L.error) return;
     const g = cols[j].querySelector('.rv-grid-acts');
-    g.style.setProperty('--sprite', `url('${U(L.sprite.uri)}')`); g.dataset.sig = L.sig;
+    paint(g, L.sprite, L.n, L.cols, L.tile, 4); g.dataset.sig = L.sig;
     g.querySelectorAll('.rv-bar > i').forEach((b, i) => {
       b.style.width = `${Math.max(0, Math.min(100, 100 * (L.bar[i] ?? 0))).toFixed(1)}%`;
       b.style.background = data.measure_color;
     });
     // the doctor's per-filter findings change from epoch to epoch: only the tiles whose badge changed
-    const tiles = g.children;
+    const tiles = g.querySelectorAll(':scope > .rv-tile[data-i]');
     for (let i = 0; i < L.n; i++) {
       const bd = L.badges ? L.badges[i] : null, t = tiles[i], key = bd ? `${bd.kind}|${bd.color}` : '';
       if ((t.dataset.badge || '') === key) continue;
@@ -130,7 +159,7 @@ if (el._struct === struct) {
     }
     if (L.weights) {
       const w = cols[j].querySelector('.rv-grid-weights');
-      w.style.setProperty('--sprite', `url('${U(L.weights.uri)}')`); w.dataset.sig = L.wsig;
+      paint(w, L.weights, L.n, L.cols, L.tile, 0); w.dataset.sig = L.wsig;
     }
   });
   const rows = el.querySelectorAll('.rv-prob');
@@ -170,7 +199,7 @@ data.layers.forEach((L, j) => {
   for (const [kind, S, sig] of grids) {
     if (kind === 'weights') parts.push(`<div class="rv-col-sub">weights (RGB)</div>`);
     const t = L.tile;
-    parts.push(`<div class="rv-grid rv-grid-${kind}" data-sig="${sig}" style="grid-template-columns:repeat(${L.cols}, ${t}px);--sprite:url('${U(S.uri)}');">`);
+    parts.push(`<div class="rv-grid rv-grid-${kind}" data-sig="${sig}" data-j="${j}" style="grid-template-columns:repeat(${L.cols}, ${t}px);"><canvas class="rv-canvas"></canvas>`);
     for (let i = 0; i < L.n; i++) {
       const cls = ['rv-tile'];
       if (L.frozen[i]) cls.push('rv-frozen');
@@ -183,7 +212,7 @@ data.layers.forEach((L, j) => {
       const flag = L.frozen[i] && !L.layer_frozen ? '<span class="rv-flag rv-f-frozen">❄</span>'
                  : (L.added[i] ? '<span class="rv-flag rv-f-added">+</span>' : '');
       parts.push(`<div class="${cls.join(' ')}"${bd ? ` style="outline-color:${bd.color}" data-badge="${E(bd.kind)}|${bd.color}"` : ''} tabindex="0" data-j="${j}" data-i="${i}" data-kind="${kind}" data-click="${E(L.name)}:${L.uids[i]}">
-        <div class="rv-img" style="background-image:var(--sprite);${cut(S, i, t, t)}"></div>
+        <div class="rv-img" style="width:${t}px;height:${t}px"></div>
         ${kind === 'acts' ? `<div class="rv-bar"><i style="width:${w.toFixed(1)}%;background:${data.measure_color}"></i></div>` : ''}${flag}${dot}</div>`);
     }
     if (kind === 'acts') for (const uid of L.deleted) {
@@ -211,6 +240,10 @@ if (data.layers.length) {
     <span><i style="border:1px dashed var(--rv-deleted)"></i>deleted</span>${data.layers.some((L) => L.touched) ? '<span><i style="border:2px dashed var(--rv-added)"></i>layer changed by filter surgery at this epoch</span>' : ''}${data.has_findings ? '<span><i style="border-radius:50%;background:#dc2626"></i>doctor finding (see the Doctor panel)</span>' : ''}<span>tile: activation map of the probe (click for details)</span></div>`);
 }
 el.innerHTML = parts.join('');
+el.querySelectorAll('.rv-grid[data-j]').forEach((g) => {
+  const L = data.layers[+g.dataset.j], acts = g.classList.contains('rv-grid-acts');
+  paint(g, acts ? L.sprite : L.weights, L.n, L.cols, L.tile, acts ? 4 : 0);
+});
 """
 
 

@@ -182,10 +182,10 @@ class SQLConsole(Viewer):
         self.result = df
         shown = df.head(MAX_TABLE_ROWS)
         note = f" (table shows the first {MAX_TABLE_ROWS:,}; the CSV has all)" if len(df) > MAX_TABLE_ROWS else ""
+        self._table.value = _displayable(shown)  # the rows first, then the line that counts them
         self._status.object = _status_html(
             f"{len(df):,} row{'s' if len(df) != 1 else ''} × {len(df.columns)} column"
             f"{'s' if len(df.columns) != 1 else ''} in {1000 * seconds:.0f} ms{note}", "ok")
-        self._table.value = _displayable(shown)
         self._download.disabled = False
         cols = list(df.columns)
         numeric = [c for c in cols if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
