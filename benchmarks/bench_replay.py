@@ -92,16 +92,9 @@ def server_side(path: Path, run_id: str, repeats: int) -> dict[str, float]:
             "n_switches": len(cold)}
 
 
-_CLICK_AND_WAIT = """
-async ([btn, root, target]) => {
-  const t0 = performance.now();
-  btn.click();
-  while (true) {
-    const net = root.querySelector('.rv-net');
-    if (net && net.dataset.epoch === String(target)) break;
-    if (performance.now() - t0 > 20000) return -1;
-    await new Promise(requestAnimationFrame);
-  }
+#: JavaScript (inside an async function with `root` and `t0`): wait until every activation grid
+#: shows the picture asked for (on its canvas, or its CSS sprite decoded), then one frame.
+_WAIT_FOR_TILES = """
   const grids = [...root.querySelectorAll('.rv-grid-acts')];
   await Promise.all(grids.map(async (g) => {
     if (g.querySelector('canvas.rv-canvas')) {  // tiles on a canvas: wait until it shows the asked picture
@@ -115,7 +108,19 @@ async ([btn, root, target]) => {
     const img = new Image(); img.src = m[1]; return img.decode();
   }));
   await new Promise(requestAnimationFrame);
-  return performance.now() - t0;
+"""
+
+_CLICK_AND_WAIT = """
+async ([btn, root, target]) => {
+  const t0 = performance.now();
+  btn.click();
+  while (true) {
+    const net = root.querySelector('.rv-net');
+    if (net && net.dataset.epoch === String(target)) break;
+    if (performance.now() - t0 > 20000) return -1;
+    await new Promise(requestAnimationFrame);
+  }
+""" + _WAIT_FOR_TILES + """  return performance.now() - t0;
 }
 """
 

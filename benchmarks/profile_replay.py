@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_replay import CHROMIUM, CHROMIUM_ARGS, record  # noqa: E402
+from bench_replay import _WAIT_FOR_TILES, CHROMIUM, CHROMIUM_ARGS, record  # noqa: E402
 
 _WS_HOOK = """
 window.__ws = [];
@@ -51,20 +51,7 @@ async ([btn, root, target]) => {
     await new Promise(requestAnimationFrame);
   }
   const tShown = performance.now() - t0;
-  const grids = [...root.querySelectorAll('.rv-grid-acts')];
-  await Promise.all(grids.map(async (g) => {
-    if (g.querySelector('canvas.rv-canvas')) {  // tiles on a canvas: wait until it shows the asked picture
-      while (g.dataset.drawn !== g.dataset.sprite && performance.now() - t0 < 20000) {
-        await new Promise(requestAnimationFrame);
-      }
-      return null;
-    }
-    const m = (g.getAttribute('style') || '').match(/url\\('([^']+)'\\)/);  // tiles as CSS backgrounds
-    if (!m) return null;
-    const img = new Image(); img.src = m[1]; return img.decode();
-  }));
-  await new Promise(requestAnimationFrame);
-  const total = performance.now() - t0;
+""" + _WAIT_FOR_TILES + """  const total = performance.now() - t0;
   const ws = window.__ws.filter(([t]) => t >= t0);
   const draws = performance.getEntriesByType('measure').filter((m) => m.name.startsWith('rv-draw'));
   const net = draws.filter((m) => m.name === 'rv-draw NetworkCanvas');
